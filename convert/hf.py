@@ -1,0 +1,89 @@
+"""Convert a BF16/F16/F32 Hugging Face checkpoint straight to an HLWQ GGUF."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hlwq_gguf import recipes, upstream
+
+from .source import ConversionError, load_checkpoint, resolve
+
+
+@dataclass
+class ConversionReport:
+    output: Path
+    recipe: str
+    bytes: int
+    weights_quantized: int
+    quantize_seconds: float
+    wall_seconds: float
+    tensor_types: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mweights_per_second(self) -> float:
+        return self.weights_quantized / max(self.quantize_seconds, 1e-9) / 1e6
+
+
+def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False) -> ConversionReport:
+    """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
+
+    llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
+    are written, one at a time, so memory stays bounded by the largest tensor. The output appears atomically:
+    it is written to a temporary file beside `output` and renamed only on success.
+    """
+    if recipe not in recipes.RECIPES:
+        raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
+    output = Path(output).expanduser().resolve()
+    if not output.parent.is_dir():
+        raise ConversionError(f"{output.parent}: output folder does not exist")
+    model_dir = resolve(source)
+    checkpoint = load_checkpoint(model_dir)
+    if not checkpoint.architectures:
+        raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
+    tree = upstream.patched_tree()
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    out_tmp = Path(tmp_name)
+    stats_file = out_tmp.with_suffix(".stats.json")
+    hub_id = None if Path(str(source)).expanduser().is_dir() else str(source)
+    args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
+            "stats_out": str(stats_file), "hub_id": hub_id, "quiet": quiet}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
+                            stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        out_tmp.unlink(missing_ok=True)
+        stats_file.unlink(missing_ok=True)
+        raise
+    try:
+        if proc.returncode != 0:
+            lines = [line for line in (stderr or "").splitlines() if line.strip()]
+            ours = [line for line in lines if line.startswith("hlwq-gguf convert: error: ")]
+            if ours:
+                raise ConversionError(ours[-1].removeprefix("hlwq-gguf convert: error: "))
+            if not quiet:
+                sys.stderr.write(stderr or "")
+            last = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise ConversionError(f"{model_dir}: conversion failed: {last}")
+        if not quiet:
+            sys.stderr.write(stderr or "")
+        stats = json.loads(stats_file.read_text())
+        os.replace(out_tmp, output)
+    finally:
+        out_tmp.unlink(missing_ok=True)
+        stats_file.unlink(missing_ok=True)
+    return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
+                            weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
+                            wall_seconds=stats["wall_seconds"], tensor_types=stats["types"])

@@ -1,0 +1,114 @@
+"""Build the patched llama.cpp (CPU by default, CUDA on request) into the cache, keyed by the patch series."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths, upstream
+
+TARGETS = [
+    "llama",  # libllama.so, which llama-cpp-python loads
+    "llama-cli", "llama-completion", "llama-server", "llama-quantize", "llama-perplexity", "llama-bench",
+    "llama-imatrix", "test-backend-ops", "test-quantize-fns",
+]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class Build:
+    """A finished build: binaries and shared libraries live in `bin`."""
+
+    root: Path
+
+    @property
+    def bin(self) -> Path:
+        return self.root / "bin"
+
+    def tool(self, name: str) -> Path:
+        path = self.bin / name
+        if not path.exists():
+            raise BuildError(f"{path} is missing: rebuild with `hlwq-gguf build`")
+        return path
+
+    @property
+    def source(self) -> Path:
+        return paths.patched_tree()
+
+
+def build_key(cuda: bool, cuda_arch: str | None) -> str:
+    variant = f"cuda-{cuda_arch or 'native'}" if cuda else "cpu"
+    return f"{upstream.patch_series_hash()}-{variant}"
+
+
+def _cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
+    args = [
+        "-G", "Ninja",
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_BUILD_TESTS=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        f"-DLLAMA_BUILD_NUMBER={paths.LLAMA_CPP_BUILD_NUMBER}",
+        f"-DLLAMA_BUILD_COMMIT={paths.LLAMA_CPP_COMMIT}",
+        "-DLLAMA_OPENSSL=OFF",
+    ]
+    if shutil.which("ccache"):
+        args.append("-DGGML_CCACHE=ON")
+    if cuda:
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch or 'native'}"]
+    return args
+
+
+def ensure_build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, verbose: bool = False) -> Build:
+    """Return the build for the current patch series, building (incrementally, with ccache) when it is stale.
+
+    The patched tree and the build directory sit at fixed paths in the cache so that a changed patch series
+    recompiles only the files it touches; the stamp file records which series the binaries were built from.
+    """
+    key = build_key(cuda, cuda_arch)
+    build_dir = paths.build_dir(key.split("-", 1)[1])
+    stamp = build_dir / ".hlwq-build-key"
+    if stamp.exists() and stamp.read_text().strip() == key and (build_dir / "bin" / "llama-cli").exists():
+        return Build(build_dir)
+
+    source = upstream.patched_tree()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if stamp.exists():
+        stamp.unlink()
+    env = dict(os.environ)
+    env.setdefault("CCACHE_DIR", str(paths.cache_root() / "ccache"))
+    env.setdefault("CCACHE_BASEDIR", str(paths.upstream_dir()))
+    env.setdefault("CCACHE_MAXSIZE", "5G")
+    jobs = jobs or os.cpu_count() or 2
+
+    def run(cmd: list[str]) -> None:
+        out = None if verbose else subprocess.PIPE
+        result = subprocess.run(cmd, cwd=build_dir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout or "").splitlines()[-40:])
+            raise BuildError(f"{' '.join(cmd[:3])} failed in {build_dir}:\n{tail}")
+
+    started = time.time()
+    run(["cmake", str(source), *_cmake_args(cuda, cuda_arch)])
+    run(["cmake", "--build", ".", "-j", str(jobs), "--target", *TARGETS])
+    stamp.write_text(key + "\n")
+    print(f"hlwq-gguf: built {key} in {time.time() - started:.0f} s -> {build_dir / 'bin'}", file=sys.stderr)
+    return Build(build_dir)
+
+
+def existing_build(cuda: bool = False, cuda_arch: str | None = None) -> Build | None:
+    """The up-to-date build if there is one, without building."""
+    key = build_key(cuda, cuda_arch)
+    build_dir = paths.build_dir(key.split("-", 1)[1])
+    stamp = build_dir / ".hlwq-build-key"
+    if stamp.exists() and stamp.read_text().strip() == key:
+        return Build(build_dir)
+    return None

@@ -1,0 +1,19 @@
+"""The `hlwq-gguf` command line: one module per verb, each a thin layer over an importable function."""
+from __future__ import annotations
+
+import click
+
+from . import build as build_cmd
+from . import convert as convert_cmd
+from . import demo as demo_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hlwq-gguf")
+def main() -> None:
+    """HLWQ (Hadamard-Lloyd weight quantization) for GGUF and llama.cpp."""
+
+
+main.add_command(build_cmd.build)
+main.add_command(convert_cmd.convert)
+main.add_command(demo_cmd.demo)

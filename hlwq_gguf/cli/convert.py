@@ -1,0 +1,25 @@
+"""`hlwq-gguf convert`: a Hugging Face checkpoint to an HLWQ GGUF."""
+from __future__ import annotations
+
+import click
+
+from convert import ConversionError, convert_checkpoint
+from hlwq_gguf import recipes, upstream
+
+
+@click.command()
+@click.argument("source")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--type", "recipe", type=click.Choice(sorted(recipes.RECIPES), case_sensitive=False), default="hlwq5",
+              show_default=True, help="HLWQ type or mixed recipe.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def convert(source: str, output: str, recipe: str, quiet: bool) -> None:
+    """Convert SOURCE (a checkpoint folder or Hugging Face hub id) to OUTPUT (.gguf)."""
+    try:
+        report = convert_checkpoint(source, output, recipe=recipe.lower(), quiet=quiet)
+    except (ConversionError, upstream.UpstreamError) as e:
+        raise click.ClickException(str(e)) from None
+    types = ", ".join(f"{n} x{c}" for n, c in sorted(report.tensor_types.items()))
+    click.echo(f"{report.output}: {report.bytes / 2**20:.1f} MiB, recipe {report.recipe} ({types}); "
+               f"quantized {report.weights_quantized / 1e6:.1f} M weights at {report.mweights_per_second:.1f} M weights/s, "
+               f"{report.wall_seconds:.1f} s in all")

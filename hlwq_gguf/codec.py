@@ -1,0 +1,694 @@
+"""HLWQ (Hadamard-Lloyd Weight Quantization) block codec in numpy.
+
+This module is the single source of truth for the HLWQ math used by the
+converter, by the tests and as the specification mirrored by the llama.cpp C
+kernels.  Everything is vectorised over blocks; the only Python loops run over
+the log2(QK) butterfly stages or a handful of least-squares rounds.
+
+One block holds QK (128 or 64) consecutive weights of one row.  With H the
+normalised Sylvester Hadamard matrix of order QK (symmetric, self-inverse) and
+``c`` a Lloyd-Max codebook for N(0, 1):
+
+    quantize:    y    = (block @ H) * sqrt(QK)        ~ N(0, 1) * ||block||
+                 code = nearest(y / s)
+    dequantize:  w    = s * (c[code] / sqrt(QK)) @ H
+
+``s`` is the fp16 block scale ``d``.  The reference implementation stores
+``s = ||block||_2`` ("norm" scale mode); freshly quantized models default to a
+least-squares refined scale ("lsq"), which keeps the block semantics above.
+
+Packed block layout (little-endian), QK = block size:
+
+    ggml_half d;                          // the scale s
+    bits 3: uint8 qs[QK/4]; uint8 qh[QK/8];
+    bits 4: uint8 qs[QK/2];
+    bits 5: uint8 qs[QK/2]; uint8 qh[QK/8];
+    bits 6: uint8 qs[QK/2]; uint8 qh[QK/4];
+
+* 2-bit quarter planes (bits 3: qs, bits 6: qh): byte i holds the 2-bit
+  fields of codes i, i+QK/4, i+QK/2, i+3QK/4 at bit offsets 0, 2, 4, 6.
+* nibble planes (bits 4/5/6 qs): byte i = code[i] low nibble | code[i+QK/2]
+  low nibble << 4.
+* 1-bit planes (bits 3/5 qh): bit j%8 of byte j/8 is the top bit of code j.
+
+Splitting codes into planes whose fields sit at the same position of every
+quarter / half block lets a SIMD kernel decode 32 codes with one shift+mask.
+
+The activation side (``Q8HLWQ``) rotates each activation block with the same
+H, so the weight side of a dot product is a pure table lookup:
+
+    dot(w_hat, x) = s * dot(c[code] / sqrt(QK), x @ H)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+__all__ = [
+    "HLWQValueError",
+    "TABLES",
+    "SCALE_MODES",
+    "LSQ_ROUNDS",
+    "TABLE_INT16_SCALE",
+    "load_codebook",
+    "codebook_midpoints",
+    "codebook_int16",
+    "hadamard_rotate",
+    "nearest_code",
+    "block_norms",
+    "pack_codes",
+    "unpack_codes",
+    "quantize_blocks",
+    "dequantize_blocks",
+    "quantize",
+    "dequantize",
+    "block_type",
+    "HLWQBlockType",
+    "HLWQ3",
+    "HLWQ4",
+    "HLWQ5",
+    "HLWQ6",
+    "HLWQ3_64",
+    "HLWQ4_64",
+    "HLWQ5_64",
+    "HLWQ6_64",
+    "BLOCK_TYPES",
+    "Q8HLWQ",
+    "Q8HLWQ_64",
+    "round_half_away",
+    "vec_dot_reference",
+]
+
+CODEBOOK_PATH = Path(__file__).resolve().parent / "data" / "codebooks.json"
+
+TABLES = ("converged", "reference_A", "reference_B")
+SCALE_MODES = ("lsq", "norm")
+SUPPORTED_BITS = (3, 4, 5, 6)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+
+# Least-squares scale refinement rounds used by default (scale_mode="lsq").
+# Relative reconstruction MSE ||w - w_hat||^2 / ||w||^2 (fp16 d), converged
+# tables, QK = 128.  gauss / student-t4: 2**15 blocks of N(0,1) / Student-t
+# nu=4; fixtures: every non-zero block of the 6 finite fixture matrices, each
+# normalised to unit norm (includes the one-hot / constant edge blocks, where
+# the raw norm is a poor scale).  "norm" is s = ||block||; N=0 keeps the norm
+# codes and refits s; N=24 is converged.
+#
+#   data        bits      norm       N=0       N=1       N=2       N=4       N=8      N=10      N=24
+#   gauss         3  3.396e-02 3.350e-02 3.295e-02 3.263e-02 3.233e-02 3.218e-02 3.217e-02 3.216e-02
+#   gauss         4  9.327e-03 9.163e-03 8.941e-03 8.794e-03 8.629e-03 8.515e-03 8.500e-03 8.487e-03
+#   gauss         5  2.455e-03 2.407e-03 2.341e-03 2.296e-03 2.244e-03 2.207e-03 2.201e-03 2.195e-03
+#   gauss         6  6.322e-04 6.193e-04 6.014e-04 5.893e-04 5.754e-04 5.658e-04 5.645e-04 5.634e-04
+#   student-t4    3  3.311e-02 3.266e-02 3.210e-02 3.177e-02 3.144e-02 3.128e-02 3.126e-02 3.125e-02
+#   student-t4    4  9.098e-03 8.944e-03 8.737e-03 8.599e-03 8.443e-03 8.339e-03 8.325e-03 8.316e-03
+#   student-t4    5  2.399e-03 2.355e-03 2.296e-03 2.256e-03 2.209e-03 2.178e-03 2.174e-03 2.170e-03
+#   student-t4    6  6.171e-04 6.056e-04 5.899e-04 5.793e-04 5.672e-04 5.594e-04 5.584e-04 5.574e-04
+#   fixtures      3  3.649e-02 3.545e-02 3.480e-02 3.434e-02 3.389e-02 3.362e-02 3.359e-02 3.356e-02
+#   fixtures      4  1.162e-02 9.868e-03 9.666e-03 9.533e-03 9.370e-03 9.252e-03 9.234e-03 9.224e-03
+#   fixtures      5  4.572e-03 2.545e-03 2.484e-03 2.444e-03 2.398e-03 2.360e-03 2.355e-03 2.350e-03
+#   fixtures      6  2.529e-03 6.414e-04 6.254e-04 6.135e-04 6.018e-04 5.952e-04 5.940e-04 5.932e-04
+#
+# The alternation (codes for a scale, scale for the codes) never raises the
+# error but converges slowly: at QK = 128 a round still gains 0.1-0.3 % up to
+# N = 8-9 (worst: gauss 5 bits), and < 0.1 % from N = 10 on, with 0.3 % left
+# to the converged value.  QK = 64 converges faster (< 0.1 % per round from
+# N = 6-8); at N = 10 it is within 0.05 % of converged.  Overall lsq lowers
+# the error 5-11 % below "norm" on Gaussian / Student-t blocks (more at 5-6
+# bits) and 8-77 % on the fixture blocks.
+LSQ_ROUNDS = 10
+
+# Scale of the int16 codebook used by integer dot products: T[k] = rint(c[k] *
+# 4096).  max |c| is 4.34 (reference_A, 6 bits), so |T| <= 17790 fits int16,
+# and 128 products T * int8 stay below 2**31.
+TABLE_INT16_SCALE = 4096
+
+# Smallest scale used to normalise a block; it keeps 1/s finite for all-zero
+# and denormal blocks and matches the reference's clamp (which stores 0).
+MIN_SCALE = np.float32(1e-10)
+
+FP16_MAX = 65504.0
+
+
+class HLWQValueError(ValueError):
+    """Input that HLWQ cannot represent (non-finite values, fp16 scale overflow)."""
+
+
+# --------------------------------------------------------------------------
+# codebooks
+# --------------------------------------------------------------------------
+
+
+def _check_bits(bits: int, allowed=(2, 3, 4, 5, 6)) -> int:
+    if bits not in allowed:
+        raise ValueError(f"unsupported bit width {bits!r}, expected one of {allowed}")
+    return int(bits)
+
+
+@functools.lru_cache(maxsize=None)
+def load_codebook(bits: int, table: str = "converged") -> np.ndarray:
+    """Return the 2**bits fp32 centroids of ``table`` (sorted ascending).
+
+    ``table`` is "converged" (true Lloyd-Max for N(0,1)), "reference_A" (used by
+    the reference's .codes/.ct files) or "reference_B" (reference CLI, KV
+    cache, CompressedTensors export).  Values are rebuilt from the json's
+    ``fp32_hex`` so they are bit-exact.  The array is cached and read-only.
+    """
+    _check_bits(bits)
+    if table not in TABLES:
+        raise ValueError(f"unknown codebook table {table!r}, expected one of {TABLES}")
+    with open(CODEBOOK_PATH, encoding="utf-8") as f:
+        entry = json.load(f)["tables"][str(bits)][table]
+    codebook = np.array([int(h, 16) for h in entry["fp32_hex"]], dtype=np.uint32).view(np.float32)
+    if codebook.shape != (1 << bits,) or np.any(np.diff(codebook) <= 0):
+        raise ValueError(f"codebook {table}/{bits} in {CODEBOOK_PATH} is malformed")
+    codebook.setflags(write=False)
+    return codebook
+
+
+@functools.lru_cache(maxsize=None)
+def codebook_midpoints(bits: int, table: str = "converged") -> np.ndarray:
+    """Decision boundaries ``(c[k] + c[k+1]) * 0.5`` in fp32 (2**bits - 1 values)."""
+    codebook = load_codebook(bits, table)
+    mids = (codebook[:-1] + codebook[1:]) * np.float32(0.5)
+    mids.setflags(write=False)
+    return mids
+
+
+@functools.lru_cache(maxsize=None)
+def codebook_int16(bits: int, table: str = "converged") -> np.ndarray:
+    """Integer codebook ``T[k] = rint(c[k] * 4096)`` (int16) for integer dot products.
+
+    c * 4096 is exact in fp32 and none of the shipped tables has a fractional
+    part of exactly .5, so ``np.rint`` (half to even) and C ``roundf`` (half
+    away from zero) give the same table.
+    """
+    scaled = load_codebook(bits, table).astype(np.float64) * TABLE_INT16_SCALE
+    table16 = np.rint(scaled).astype(np.int16)
+    table16.setflags(write=False)
+    return table16
+
+
+# --------------------------------------------------------------------------
+# rotation and nearest centroid
+# --------------------------------------------------------------------------
+
+
+def hadamard_rotate(x: np.ndarray) -> np.ndarray:
+    """Multiply the last axis by the normalised Sylvester Hadamard matrix H.
+
+    Radix-2 butterfly (a, b) -> (a + b, a - b) for spans 1, 2, ..., n/2, then
+    one multiply by fp32(1/sqrt(n)); all arithmetic is fp32.  This is
+    ``x @ H`` with ``H[i, j] = (-1)**popcount(i & j) / sqrt(n)``; H is
+    symmetric and self-inverse, so the same function undoes itself.  The last
+    axis length must be a power of two.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard length must be a power of two, got {n}")
+    lead_shape = x.shape[:-1]
+    out = x.reshape(-1, n)
+    span = 1
+    while span < n:
+        # axis 2 selects the first / second half of each 2*span chunk
+        pairs = out.reshape(-1, n // (2 * span), 2, span)
+        first, second = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        out = np.stack((first + second, first - second), axis=2)
+        span *= 2
+    return (out.reshape(*lead_shape, n) * np.float32(1.0 / np.sqrt(n))).astype(np.float32, copy=False)
+
+
+def nearest_code(v: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid for every value of ``v`` (uint8).
+
+    The code is the number of fp32 midpoints strictly below the value, so an
+    exact tie (value on a midpoint, e.g. 0.0 for the symmetric tables) goes to
+    the lower index.  The C kernels use the same comparison.
+    """
+    codebook = np.asarray(codebook, dtype=np.float32)
+    mids = (codebook[:-1] + codebook[1:]) * np.float32(0.5)
+    v = np.asarray(v, dtype=np.float32)
+    return np.searchsorted(mids, v, side="left").astype(np.uint8)
+
+
+def block_norms(blocks: np.ndarray) -> np.ndarray:
+    """fp32 L2 norm of every block (last axis), summed in a fixed pairwise order.
+
+    The squares are added as a halving tree (element i + element i + n/2, ...)
+    rather than with np.sum, whose order depends on memory layout; a C
+    implementation can reproduce the tree exactly.
+    """
+    blocks = np.asarray(blocks, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        acc = blocks * blocks
+        while acc.shape[-1] > 1:
+            half = acc.shape[-1] // 2
+            acc = acc[..., :half] + acc[..., half:]
+    return np.sqrt(acc[..., 0])
+
+
+# --------------------------------------------------------------------------
+# bit packing
+# --------------------------------------------------------------------------
+
+
+def _qs_size(bits: int, block_size: int) -> int:
+    return block_size // 4 if bits == 3 else block_size // 2
+
+
+def _qh_size(bits: int, block_size: int) -> int:
+    return {3: block_size // 8, 4: 0, 5: block_size // 8, 6: block_size // 4}[bits]
+
+
+def _pack_quarters(fields: np.ndarray) -> np.ndarray:
+    quarters = fields.reshape(fields.shape[0], 4, -1).astype(np.uint8)
+    return quarters[:, 0] | quarters[:, 1] << 2 | quarters[:, 2] << 4 | quarters[:, 3] << 6
+
+
+def _unpack_quarters(packed: np.ndarray) -> np.ndarray:
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    return ((packed[:, None, :] >> shifts) & 3).reshape(packed.shape[0], -1)
+
+
+def _pack_halves(fields: np.ndarray) -> np.ndarray:
+    halves = fields.reshape(fields.shape[0], 2, -1).astype(np.uint8)
+    return halves[:, 0] | halves[:, 1] << 4
+
+
+def _unpack_halves(packed: np.ndarray) -> np.ndarray:
+    return np.concatenate((packed & 15, packed >> 4), axis=1)
+
+
+def _pack_bitplane(bit_values: np.ndarray) -> np.ndarray:
+    octets = bit_values.reshape(bit_values.shape[0], -1, 8).astype(np.uint8)
+    weights = (1 << np.arange(8, dtype=np.uint8)).astype(np.uint8)
+    return np.bitwise_or.reduce(octets * weights, axis=-1)
+
+
+def _unpack_bitplane(packed: np.ndarray) -> np.ndarray:
+    shifts = np.arange(8, dtype=np.uint8)
+    return ((packed[:, :, None] >> shifts) & 1).reshape(packed.shape[0], -1)
+
+
+def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Pack codes [n_blocks, QK] into the qs/qh planes [n_blocks, QK*bits/8] (uint8).
+
+    The fp16 scale is not included; see the module docstring for the layout.
+    """
+    _check_bits(bits, SUPPORTED_BITS)
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != block_size:
+        raise ValueError(f"codes must have shape [n_blocks, {block_size}], got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits")
+    codes = codes.astype(np.uint8)
+    if bits == 3:
+        planes = (_pack_quarters(codes & 3), _pack_bitplane(codes >> 2))
+    elif bits == 4:
+        planes = (_pack_halves(codes),)
+    elif bits == 5:
+        planes = (_pack_halves(codes & 15), _pack_bitplane(codes >> 4))
+    else:
+        planes = (_pack_halves(codes & 15), _pack_quarters(codes >> 4))
+    return np.concatenate(planes, axis=1)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: [n_blocks, QK*bits/8] uint8 -> codes [n_blocks, QK] uint8."""
+    _check_bits(bits, SUPPORTED_BITS)
+    packed = np.asarray(packed, dtype=np.uint8)
+    n_qs = _qs_size(bits, block_size)
+    n_bytes = n_qs + _qh_size(bits, block_size)
+    if packed.ndim != 2 or packed.shape[1] != n_bytes:
+        raise ValueError(f"packed codes must have shape [n_blocks, {n_bytes}], got {packed.shape}")
+    qs, qh = packed[:, :n_qs], packed[:, n_qs:]
+    if bits == 3:
+        return _unpack_quarters(qs) | _unpack_bitplane(qh) << 2
+    if bits == 4:
+        return _unpack_halves(qs)
+    if bits == 5:
+        return _unpack_halves(qs) | _unpack_bitplane(qh) << 4
+    return _unpack_halves(qs) | _unpack_quarters(qh) << 4
+
+
+# --------------------------------------------------------------------------
+# quantize / dequantize
+# --------------------------------------------------------------------------
+
+
+def _check_blocks(blocks: np.ndarray, block_size: int) -> np.ndarray:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"unsupported block size {block_size}, expected one of {SUPPORTED_BLOCK_SIZES}")
+    blocks = np.asarray(blocks, dtype=np.float32)
+    if blocks.ndim != 2 or blocks.shape[1] != block_size:
+        raise ValueError(f"blocks must have shape [n_blocks, {block_size}], got {blocks.shape}")
+    finite = np.isfinite(blocks).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise HLWQValueError(f"block {bad}: input contains NaN or Inf ({int((~finite).sum())} such blocks)")
+    return blocks
+
+
+def _least_squares_scale(y: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    # argmin_s ||y - s * c||^2; the tables contain no zero, so c.c > 0
+    return np.einsum("ij,ij->i", y, centroids) / np.einsum("ij,ij->i", centroids, centroids)
+
+
+def _safe_reciprocal(scale: np.ndarray) -> np.ndarray:
+    return np.float32(1.0) / np.maximum(scale, MIN_SCALE)
+
+
+def _check_fp16_range(scale: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        d = scale.astype(np.float16)
+    overflow = ~np.isfinite(d)
+    if overflow.any():
+        bad = int(np.flatnonzero(overflow)[0])
+        raise HLWQValueError(
+            f"block {bad}: block norm {float(norms[bad]):.7g} (scale {float(scale[bad]):.7g}) "
+            f"exceeds fp16 range (max {FP16_MAX:g})"
+        )
+    return d
+
+
+def quantize_blocks(
+    blocks: np.ndarray,
+    bits: int,
+    block_size: int,
+    table: str = "converged",
+    scale_mode: str = "lsq",
+    lsq_rounds: int = LSQ_ROUNDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize fp32 blocks [n_blocks, QK] to (d fp16 [n_blocks], codes uint8 [n_blocks, QK]).
+
+    Both modes compute y = hadamard_rotate(block) * sqrt(QK) and pick codes
+    as nearest(y * (1/s)) with fp32 ops in exactly that order.
+
+    scale_mode "norm" reproduces the reference quantizer: s = max(||block||,
+    1e-10), d = fp16(s).  The reference normalises first, (block / s) @ H *
+    sqrt(QK); rotating first and multiplying by the fp32 reciprocal agrees
+    with its fixtures at least as well (1 code in 10^5 differs in both
+    orders, always within 2e-7 of a decision boundary) and shares the C
+    kernel's code path with "lsq".
+
+    scale_mode "lsq" starts from the norm scale, then ``lsq_rounds`` times
+    refits s as the least-squares scale dot(y, c) / dot(c, c) and re-picks the
+    codes; the final s is refitted to the final codes.  The block semantics
+    stay w_hat = s * (c[code] / sqrt(QK)) @ H.
+
+    All-zero blocks store d = 0 with the codes of nearest(0).  Raises
+    HLWQValueError for NaN/Inf input, or for a norm or scale that fp16 cannot
+    hold (|s| >= 65520, which rounds to inf; 65504 <= |s| < 65520 rounds to
+    65504 and is accepted, as the reference stores it).
+    """
+    _check_bits(bits)
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}, expected one of {SCALE_MODES}")
+    blocks = _check_blocks(blocks, block_size)
+    codebook = load_codebook(bits, table)
+    sqrt_qk = np.float32(np.sqrt(block_size))
+
+    norms = block_norms(blocks)
+    _check_fp16_range(norms, norms)
+    scale = np.maximum(norms, MIN_SCALE)
+    y = hadamard_rotate(blocks) * sqrt_qk
+    codes = nearest_code(y * _safe_reciprocal(scale)[:, None], codebook)
+    if scale_mode == "lsq":
+        for _ in range(lsq_rounds):
+            scale = _least_squares_scale(y, codebook[codes])
+            codes = nearest_code(y * _safe_reciprocal(scale)[:, None], codebook)
+        scale = _least_squares_scale(y, codebook[codes])
+
+    scale = np.where(norms > 0, scale, np.float32(0))
+    d = _check_fp16_range(scale, norms)
+    return d, codes
+
+
+def dequantize_blocks(
+    d: np.ndarray, codes: np.ndarray, bits: int, block_size: int, table: str = "converged"
+) -> np.ndarray:
+    """Reconstruct fp32 blocks [n_blocks, QK] = d * hadamard_rotate(c[codes] / sqrt(QK)).
+
+    ``d`` may be fp16 (as stored) or any float array; it is widened to fp32.
+    """
+    _check_bits(bits)
+    codebook = load_codebook(bits, table)
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != block_size:
+        raise ValueError(f"codes must have shape [n_blocks, {block_size}], got {codes.shape}")
+    scale = np.asarray(d).astype(np.float32).reshape(-1, 1)
+    rotated = hadamard_rotate(codebook[codes] / np.float32(np.sqrt(block_size)))
+    return rotated * scale
+
+
+# --------------------------------------------------------------------------
+# ggml block types
+# --------------------------------------------------------------------------
+
+
+class HLWQBlockType:
+    """One HLWQ ggml block type: ``bits``-bit codes, ``block_size`` weights per block.
+
+    Packed blocks are ``type_size`` bytes: fp16 d, then the code planes.
+    """
+
+    name: ClassVar[str]
+    bits: ClassVar[int]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.type_size = 2 + cls.block_size * cls.bits // 8
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray, table: str = "converged", scale_mode: str = "lsq") -> np.ndarray:
+        """fp32 [n_blocks, QK] -> packed uint8 [n_blocks, type_size]."""
+        d, codes = quantize_blocks(blocks, cls.bits, cls.block_size, table, scale_mode)
+        return cls.pack_blocks(d, codes)
+
+    @classmethod
+    def pack_blocks(cls, d: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Assemble packed blocks from fp16 scales [n_blocks] and codes [n_blocks, QK]."""
+        d_bytes = np.asarray(d, dtype="<f2").reshape(-1, 1).view(np.uint8)
+        return np.concatenate((d_bytes, pack_codes(codes, cls.bits, cls.block_size)), axis=1)
+
+    @classmethod
+    def unpack_blocks(cls, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Split packed blocks [n_blocks, type_size] into (d fp16 [n_blocks], codes uint8 [n_blocks, QK])."""
+        packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1, cls.type_size)
+        d = packed[:, :2].copy().view("<f2").reshape(-1).astype(np.float16)
+        return d, unpack_codes(packed[:, 2:], cls.bits, cls.block_size)
+
+    @classmethod
+    def dequantize_blocks(cls, packed: np.ndarray, table: str = "converged") -> np.ndarray:
+        """Packed uint8 [n_blocks, type_size] -> fp32 [n_blocks, QK]."""
+        d, codes = cls.unpack_blocks(packed)
+        return dequantize_blocks(d, codes, cls.bits, cls.block_size, table)
+
+    @classmethod
+    def quantize(cls, data: np.ndarray, table: str = "converged", scale_mode: str = "lsq") -> np.ndarray:
+        """Quantize an array whose last dim is a multiple of QK.
+
+        Returns uint8 of shape (..., last_dim // QK * type_size), like
+        gguf-py's ``quants.quantize``.
+        """
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 0 or data.shape[-1] % cls.block_size:
+            raise ValueError(f"{cls.name}: last dimension {data.shape[-1:]} is not a multiple of {cls.block_size}")
+        packed = cls.quantize_blocks(data.reshape(-1, cls.block_size), table, scale_mode)
+        return packed.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, table: str = "converged") -> np.ndarray:
+        """Inverse of :meth:`quantize`: uint8 (..., n_blocks*type_size) -> fp32 (..., n_blocks*QK)."""
+        data = np.asarray(data, dtype=np.uint8)
+        if data.ndim == 0 or data.shape[-1] % cls.type_size:
+            raise ValueError(f"{cls.name}: last dimension {data.shape[-1:]} is not a multiple of {cls.type_size}")
+        blocks = cls.dequantize_blocks(data.reshape(-1, cls.type_size), table)
+        return blocks.reshape(*data.shape[:-1], data.shape[-1] // cls.type_size * cls.block_size)
+
+
+class HLWQ3(HLWQBlockType):
+    name, bits, block_size = "HLWQ3", 3, 128
+
+
+class HLWQ4(HLWQBlockType):
+    name, bits, block_size = "HLWQ4", 4, 128
+
+
+class HLWQ5(HLWQBlockType):
+    name, bits, block_size = "HLWQ5", 5, 128
+
+
+class HLWQ6(HLWQBlockType):
+    name, bits, block_size = "HLWQ6", 6, 128
+
+
+class HLWQ3_64(HLWQBlockType):
+    name, bits, block_size = "HLWQ3_64", 3, 64
+
+
+class HLWQ4_64(HLWQBlockType):
+    name, bits, block_size = "HLWQ4_64", 4, 64
+
+
+class HLWQ5_64(HLWQBlockType):
+    name, bits, block_size = "HLWQ5_64", 5, 64
+
+
+class HLWQ6_64(HLWQBlockType):
+    name, bits, block_size = "HLWQ6_64", 6, 64
+
+
+BLOCK_TYPES: dict[str, type[HLWQBlockType]] = {
+    cls.name: cls for cls in (HLWQ3, HLWQ4, HLWQ5, HLWQ6, HLWQ3_64, HLWQ4_64, HLWQ5_64, HLWQ6_64)
+}
+
+
+def block_type(bits: int, block_size: int = 128) -> type[HLWQBlockType]:
+    """The HLWQ block type class for a bit width and block size."""
+    for cls in BLOCK_TYPES.values():
+        if cls.bits == bits and cls.block_size == block_size:
+            return cls
+    raise ValueError(f"no HLWQ type with {bits} bits and block size {block_size}")
+
+
+def quantize(
+    data: np.ndarray, bits: int, block_size: int = 128, table: str = "converged", scale_mode: str = "lsq"
+) -> np.ndarray:
+    """Quantize (..., k*QK) fp32 to packed uint8 (..., k*type_size)."""
+    return block_type(bits, block_size).quantize(data, table, scale_mode)
+
+
+def dequantize(packed: np.ndarray, bits: int, block_size: int = 128, table: str = "converged") -> np.ndarray:
+    """Dequantize packed uint8 (..., k*type_size) to fp32 (..., k*QK)."""
+    return block_type(bits, block_size).dequantize(packed, table)
+
+
+# --------------------------------------------------------------------------
+# activation side
+# --------------------------------------------------------------------------
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C ``roundf``: round to nearest, halves away from zero (fp32 in, fp32 out).
+
+    floor(|v| + 0.5) is wrong for 0.49999997 (the add rounds up), so exact
+    halves are detected on the fraction, which is computed exactly.
+    """
+    v = np.asarray(v, dtype=np.float32)
+    whole = np.trunc(v)
+    is_half = np.abs(v - whole) == np.float32(0.5)
+    return np.where(is_half, whole + np.sign(v), np.rint(v)).astype(np.float32)
+
+
+class Q8HLWQ:
+    """Rotated int8 activation block used by the HLWQ dot product.
+
+    Layout: ``float d`` (fp32, little-endian), then ``int8 qs[QK]``, with
+    qs = roundf(xr / d), xr = x @ H, d = max|xr| / 127 (0 for a zero block).
+    """
+
+    name: ClassVar[str] = "Q8HLWQ"
+    block_size: ClassVar[int] = 128
+    type_size: ClassVar[int] = 4 + 128
+
+    @classmethod
+    def quantize_blocks(cls, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """fp32 [n_blocks, QK] -> (d fp32 [n_blocks], qs int8 [n_blocks, QK])."""
+        blocks = np.asarray(blocks, dtype=np.float32).reshape(-1, cls.block_size)
+        rotated = hadamard_rotate(blocks)
+        amax = np.abs(rotated).max(axis=1)
+        d = amax / np.float32(127)
+        inv_d = np.float32(1) / np.where(d > 0, d, np.float32(1))
+        inv_d = np.where(d > 0, inv_d, np.float32(0))
+        qs = round_half_away(rotated * inv_d[:, None]).astype(np.int8)
+        return d.astype(np.float32), qs
+
+    @classmethod
+    def pack_blocks(cls, d: np.ndarray, qs: np.ndarray) -> np.ndarray:
+        """(d [n_blocks], qs [n_blocks, QK]) -> uint8 [n_blocks, type_size]."""
+        d_bytes = np.asarray(d, dtype="<f4").reshape(-1, 1).view(np.uint8)
+        return np.concatenate((d_bytes, np.asarray(qs, dtype=np.int8).view(np.uint8)), axis=1)
+
+    @classmethod
+    def unpack_blocks(cls, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [n_blocks, type_size] -> (d fp32 [n_blocks], qs int8 [n_blocks, QK])."""
+        packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1, cls.type_size)
+        d = packed[:, :4].copy().view("<f4").reshape(-1).astype(np.float32)
+        return d, packed[:, 4:].view(np.int8).copy()
+
+    @classmethod
+    def quantize(cls, data: np.ndarray) -> np.ndarray:
+        """fp32 (..., k*QK) -> packed uint8 (..., k*type_size)."""
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 0 or data.shape[-1] % cls.block_size:
+            raise ValueError(f"{cls.name}: last dimension {data.shape[-1:]} is not a multiple of {cls.block_size}")
+        packed = cls.pack_blocks(*cls.quantize_blocks(data.reshape(-1, cls.block_size)))
+        return packed.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray) -> np.ndarray:
+        """Packed -> the *rotated* activations d * qs (fp32, (..., k*QK)); apply hadamard_rotate to undo."""
+        data = np.asarray(data, dtype=np.uint8)
+        d, qs = cls.unpack_blocks(data.reshape(-1, cls.type_size))
+        rotated = qs.astype(np.float32) * d[:, None]
+        return rotated.reshape(*data.shape[:-1], data.shape[-1] // cls.type_size * cls.block_size)
+
+
+class Q8HLWQ_64(Q8HLWQ):
+    name = "Q8HLWQ_64"
+    block_size = 64
+    type_size = 4 + 64
+
+
+def _activation_type(block_size: int) -> type[Q8HLWQ]:
+    return {128: Q8HLWQ, 64: Q8HLWQ_64}[block_size]
+
+
+def vec_dot_reference(
+    weight_packed_row: np.ndarray,
+    x_row: np.ndarray,
+    bits: int,
+    block_size: int = 128,
+    table: str = "converged",
+) -> np.ndarray:
+    """Dot product of packed HLWQ weight row(s) with an fp32 activation row, as the C kernel computes it.
+
+    Derivation: w_hat = s * (c[code] / sqrt(QK)) @ H and H is symmetric, so
+    dot(w_hat, x) = s / sqrt(QK) * dot(c[code], x @ H).  With x @ H ~= d_x * qs
+    (Q8HLWQ) and c ~= T / 4096 (:func:`codebook_int16`):
+
+        dot ~= sum_blocks fp32(d_w) * d_x * isum  *  1 / (4096 * sqrt(QK)),
+        isum  = sum_i T[code_i] * qs_i   (exact in int32).
+
+    The per-block products are accumulated in fp32 and the constant is applied
+    once at the end; a C kernel that orders the fp32 work differently agrees to
+    fp32 rounding.  ``weight_packed_row`` may be one packed row (1-D) or rows
+    [n_rows, n_bytes]; the result is a float32 scalar or [n_rows].
+    """
+    weight_type = block_type(bits, block_size)
+    packed = np.asarray(weight_packed_row, dtype=np.uint8)
+    single_row = packed.ndim == 1
+    packed = packed.reshape(-1, packed.shape[-1])
+    n_rows = packed.shape[0]
+    n_blocks = packed.shape[1] // weight_type.type_size
+    x_row = np.asarray(x_row, dtype=np.float32).reshape(-1)
+    if x_row.shape[0] != n_blocks * block_size or packed.shape[1] != n_blocks * weight_type.type_size:
+        raise ValueError(f"row of {packed.shape[1]} bytes does not match {x_row.shape[0]} activations")
+
+    d_w, codes = weight_type.unpack_blocks(packed.reshape(-1, weight_type.type_size))
+    d_x, qs = _activation_type(block_size).quantize_blocks(x_row.reshape(n_blocks, block_size))
+    table16 = codebook_int16(bits, table).astype(np.int32)
+
+    products = table16[codes].reshape(n_rows, n_blocks, block_size) * qs.astype(np.int32)[None]
+    isum = products.sum(axis=-1, dtype=np.int32)
+    per_block = d_w.astype(np.float32).reshape(n_rows, n_blocks) * d_x[None] * isum.astype(np.float32)
+    result = per_block.sum(axis=-1, dtype=np.float32) * np.float32(1.0 / (TABLE_INT16_SCALE * np.sqrt(block_size)))
+    return result[0] if single_row else result

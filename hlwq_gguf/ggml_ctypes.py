@@ -1,0 +1,100 @@
+"""The patched ggml's quantizer, dequantizer and dot product through ctypes (tests and cross-checks)."""
+from __future__ import annotations
+
+import ctypes
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_types
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT),
+                ("from_float_ref", _FROM_FLOAT)]
+
+
+class _TypeTraitsCpu(ctypes.Structure):
+    _fields_ = [("from_float", _FROM_FLOAT), ("vec_dot", _VEC_DOT), ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+
+def _ptr(a: np.ndarray) -> ctypes.c_void_p:
+    return ctypes.c_void_p(a.ctypes.data)
+
+
+class GGML:
+    """ggml-base and ggml-cpu of a build, loaded with ctypes."""
+
+    def __init__(self, lib_dir: Path):
+        self.base = ctypes.CDLL(str(lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        self.base.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        self.base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TypeTraitsCpu)
+        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
+        self.base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.base.ggml_hlwq_codebook_name.restype = ctypes.c_char_p
+        self.base.ggml_hlwq_codebook_fingerprint.restype = ctypes.c_uint32
+        self.base.ggml_validate_row_data.restype = ctypes.c_bool
+        self.base.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+        self.cpu.ggml_cpu_init()
+
+    @staticmethod
+    def type_id(name: str) -> int:
+        return gguf_types.GGML_TYPE_IDS[name.upper()]
+
+    def traits(self, name: str) -> _TypeTraits:
+        return self.base.ggml_get_type_traits(self.type_id(name)).contents
+
+    def cpu_traits(self, name: str) -> _TypeTraitsCpu:
+        return self.cpu.ggml_get_type_traits_cpu(self.type_id(name)).contents
+
+    def row_bytes(self, name: str, n: int) -> int:
+        t = self.traits(name)
+        return n // t.blck_size * t.type_size
+
+    def quantize(self, name: str, x: np.ndarray) -> np.ndarray:
+        """ggml_quantize_chunk over the rows of a 2-D float32 array (what llama-quantize runs)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rows, n = x.shape
+        out = np.zeros((rows, self.row_bytes(name, n)), dtype=np.uint8)
+        self.base.ggml_quantize_chunk(self.type_id(name), _ptr(x), _ptr(out), 0, rows, n, None)
+        return out
+
+    def from_float(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The CPU backend's from_float for a type (SET_ROWS/CPY, and activations for vec_dot)."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        out = np.zeros(self.row_bytes(name, x.size), dtype=np.uint8)
+        self.cpu_traits(name).from_float(_ptr(x), _ptr(out), x.size)
+        return out
+
+    def dequantize(self, name: str, q: np.ndarray, n: int) -> np.ndarray:
+        q = np.ascontiguousarray(q, dtype=np.uint8)
+        out = np.zeros(n, dtype=np.float32)
+        self.traits(name).to_float(_ptr(q), _ptr(out), n)
+        return out
+
+    def vec_dot(self, name: str, weight_row: np.ndarray, activation_row: np.ndarray, n: int) -> float:
+        """The CPU vec_dot of one quantized weight row with one row already in the type's vec_dot_type."""
+        result = np.zeros(1, dtype=np.float32)
+        w = np.ascontiguousarray(weight_row, dtype=np.uint8)
+        a = np.ascontiguousarray(activation_row, dtype=np.uint8)
+        self.cpu_traits(name).vec_dot(n, _ptr(result), 0, _ptr(w), 0, _ptr(a), 0, 1)
+        return float(result[0])
+
+    def validate_row(self, name: str, data: np.ndarray) -> bool:
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+        return bool(self.base.ggml_validate_row_data(self.type_id(name), _ptr(data), data.size))
+
+    @cached_property
+    def codebook(self) -> tuple[str, int]:
+        return self.base.ggml_hlwq_codebook_name().decode(), int(self.base.ggml_hlwq_codebook_fingerprint())

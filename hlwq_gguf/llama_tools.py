@@ -1,0 +1,124 @@
+"""Thin wrappers over the patched llama.cpp tools: quantize, perplexity/KL-divergence, bench, generation."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .build import Build
+
+
+class ToolError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> str:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise ToolError(f"{Path(cmd[0]).name} exited with {result.returncode}:\n{tail}")
+    return result.stdout + result.stderr
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 2
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    fallbacks: int
+    n_tensors: int
+    log: str
+
+
+def llama_quantize(build: Build, source: Path, output: Path, ftype: str, imatrix: Path | None = None,
+                   threads: int | None = None) -> QuantizeResult:
+    """llama-quantize SOURCE into OUTPUT as FTYPE (Q5_K_M, HLWQ5, ...), atomically; reports fallbacks."""
+    tmp = output.with_name(f".{output.name}.partial")
+    cmd = [build.tool("llama-quantize")]
+    if imatrix is not None:
+        cmd += ["--imatrix", imatrix]
+    cmd += [source, tmp, ftype, str(threads or default_threads())]
+    try:
+        log = _run(cmd)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    match = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)
+    fallbacks, n_tensors = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    return QuantizeResult(output, fallbacks, n_tensors, log)
+
+
+@dataclass
+class Quality:
+    ppl: float
+    ppl_err: float
+    kld_mean: float | None = None
+    kld_err: float | None = None
+    kld_p99: float | None = None
+    same_top_p: float | None = None
+
+
+_FLOAT = r"([-+0-9.eE]+|nan|inf)"
+
+
+def _parse_quality(log: str) -> Quality:
+    def grab(pattern: str) -> tuple[float, ...] | None:
+        match = re.search(pattern, log)
+        return tuple(float(g) for g in match.groups()) if match else None
+
+    ppl = grab(rf"Mean PPL\(Q\)\s*:\s*{_FLOAT}\s*±\s*{_FLOAT}") or grab(rf"Final estimate: PPL = {_FLOAT} \+/- {_FLOAT}")
+    if ppl is None:
+        raise ToolError("llama-perplexity printed no perplexity")
+    kld = grab(rf"Mean\s+KLD:\s*{_FLOAT}\s*±\s*{_FLOAT}")
+    p99 = grab(rf"99\.0%\s+KLD:\s*{_FLOAT}")
+    top = grab(rf"Same top p:\s*{_FLOAT}\s*±")
+    return Quality(ppl=ppl[0], ppl_err=ppl[1], kld_mean=kld[0] if kld else None, kld_err=kld[1] if kld else None,
+                   kld_p99=p99[0] if p99 else None, same_top_p=top[0] if top else None)
+
+
+def perplexity(build: Build, model: Path, text_file: Path, ctx: int = 512, chunks: int | None = None,
+               kld_base: Path | None = None, save_kld_base: Path | None = None, threads: int | None = None,
+               batch: int | None = None, extra: list[str] | None = None) -> Quality:
+    """Perplexity of MODEL on TEXT_FILE; with `kld_base` also the KL-divergence against saved base logits."""
+    cmd = [build.tool("llama-perplexity"), "-m", model, "-f", text_file, "-c", str(ctx), "-t", str(threads or default_threads()),
+           "--no-warmup"]
+    if batch:
+        cmd += ["-b", str(batch)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if save_kld_base is not None:
+        cmd += ["--kl-divergence-base", save_kld_base]
+    if kld_base is not None:
+        cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
+    cmd += extra or []
+    return _parse_quality(_run(cmd))
+
+
+def bench(build: Build, models: list[Path], n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
+          threads: int | None = None, extra: list[str] | None = None) -> list[dict]:
+    """llama-bench rows (JSON) for pp`n_prompt` and tg`n_gen` of each model."""
+    cmd = [build.tool("llama-bench"), "-o", "json", "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+           "-t", str(threads or default_threads())]
+    for model in models:
+        cmd += ["-m", model]
+    cmd += extra or []
+    out = _run(cmd)
+    start = out.index("[")
+    return json.loads(out[start:out.rindex("]") + 1])
+
+
+def generate(build: Build, model: Path, prompt: str, n_predict: int = 64, seed: int = 1, threads: int | None = None) -> str:
+    """Greedy completion of PROMPT with llama-completion (llama.cpp's one-shot text generation tool)."""
+    cmd = [build.tool("llama-completion"), "-m", model, "-p", prompt, "-n", str(n_predict), "--seed", str(seed),
+           "--temp", "0", "-t", str(threads or default_threads()), "-no-cnv", "--no-display-prompt", "--no-warmup"]
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "failed" in line.lower()]
+        raise ToolError(f"llama-completion exited with {result.returncode}: {' | '.join(errors[-4:] or result.stderr.splitlines()[-3:])}")
+    return result.stdout

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Print the C tables of the HLWQ codebooks for ggml-common.h.
+
+The fp32 tables are emitted as hex-float literals (exact bit patterns); the int16
+tables used by the integer dot product are round(c * 4096), which keeps every
+converged table inside int16 with an absolute error of at most 2^-13.
+"""
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TABLES = Path(__file__).resolve().parents[1] / "hlwq_gguf" / "data" / "codebooks.json"
+I16_SCALE = 4096
+
+
+def _hex(v: np.float32) -> str:
+    mantissa, exponent = float(v).hex().split("p")
+    return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}"
+
+
+def main(table: str = "converged") -> None:
+    data = json.loads(TABLES.read_text())["tables"]
+    for bits in (2, 3, 4, 5, 6):
+        hexes = data[str(bits)][table]["fp32_hex"]
+        vals = np.array([struct.unpack(">f", bytes.fromhex(h))[0] for h in hexes], dtype=np.float32)
+        n = len(vals)
+        print(f"GGML_TABLE_BEGIN(float, hlwq_codebook_{bits}, {n})")
+        for i in range(0, n, 4):
+            print("    " + " ".join(f"{_hex(v)}f," for v in vals[i:i + 4]))
+        print("GGML_TABLE_END()\n")
+        i16 = np.rint(vals.astype(np.float64) * I16_SCALE).astype(np.int64)
+        assert np.all(np.abs(i16) < 2**14), "int16 table must fit the 7-bit split used by the SIMD dot"
+        print(f"GGML_TABLE_BEGIN(int16_t, hlwq_codebook_i16_{bits}, {n})")
+        for i in range(0, n, 8):
+            print("    " + " ".join(f"{int(v)}," for v in i16[i:i + 8]))
+        print("GGML_TABLE_END()\n")
+        # the SIMD dot product looks the int16 values up as two byte tables (t = 128*hi + lo, lo in [0, 127])
+        # of at least 16 entries each, so that a 16-byte shuffle table can always be loaded
+        padded = np.zeros(max(n, 16), dtype=np.int64)
+        padded[:n] = i16
+        for part, values in (("lo", padded & 127), ("hi", padded >> 7)):
+            ctype = "uint8_t" if part == "lo" else "int8_t"
+            print(f"GGML_TABLE_BEGIN({ctype}, hlwq_codebook_i16{part}_{bits}, {len(values)})")
+            for i in range(0, len(values), 16):
+                print("    " + " ".join(f"{int(v)}," for v in values[i:i + 16]))
+            print("GGML_TABLE_END()\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,105 @@
+"""The patched ggml (C) against the numpy codec, and llama.cpp's own kernel test programs."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from hlwq_gguf import codec, gguf_types
+
+WEIGHT_TYPES = list(codec.BLOCK_TYPES)
+
+
+def _matrix(rng, rows, cols):
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    x[:, 3] *= 25.0  # an outlier input channel, as real models have
+    x[rows // 2] = 0.0  # an all-zero row
+    return x
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_c_quantizer_matches_numpy(ggml, name):
+    block_type = codec.BLOCK_TYPES[name]
+    rng = np.random.default_rng(block_type.bits * 1000 + block_type.block_size)
+    cols = 1024 if block_type.block_size == 128 else 576
+    x = _matrix(rng, 96, cols)
+    c_bytes = ggml.quantize(name, x)
+    py_bytes = block_type.quantize(x)
+    d_c, codes_c = block_type.unpack_blocks(c_bytes)
+    d_py, codes_py = block_type.unpack_blocks(py_bytes)
+    # summation order differs (numpy pairwise vs C sequential): codes may differ only at decision boundaries
+    assert (codes_c == codes_py).mean() >= 0.9999
+    same_codes = (codes_c == codes_py).all(axis=1)
+    ulps = np.abs(d_c.view(np.int16).astype(np.int32) - d_py.view(np.int16).astype(np.int32))
+    assert ulps[same_codes].max() <= 1
+    # and the C ref quantizer is what the CPU backend's from_float (SET_ROWS, CPY) runs
+    assert np.array_equal(ggml.from_float(name, x[:4]), c_bytes[:4].reshape(-1))
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_c_dequantizer_matches_numpy(ggml, name):
+    block_type = codec.BLOCK_TYPES[name]
+    rng = np.random.default_rng(7)
+    cols = 512 if block_type.block_size == 128 else 320
+    packed = ggml.quantize(name, _matrix(rng, 16, cols))
+    c_values = np.stack([ggml.dequantize(name, row, cols) for row in packed])
+    py_values = block_type.dequantize(packed)
+    assert np.abs(c_values - py_values).max() <= 1e-6 * np.abs(py_values).max()
+
+
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_vec_dot_is_the_rotated_integer_dot(ggml, name):
+    """The CPU dot product (AVX2 here) equals the numpy model of it and the float dot of the dequantized row."""
+    block_type = codec.BLOCK_TYPES[name]
+    activation_type = "Q8_HLWQ" if block_type.block_size == 128 else "Q8_HLWQ_64"
+    assert gguf_types.GGML_TYPE_IDS[activation_type] == ggml.cpu_traits(name).vec_dot_type
+    rng = np.random.default_rng(11)
+    cols = 2048 if block_type.block_size == 128 else 704
+    weights = ggml.quantize(name, _matrix(rng, 32, cols))
+    x = rng.standard_normal(cols).astype(np.float32)
+    x[17] *= 10.0
+    x_q = ggml.from_float(activation_type, x)
+    if block_type.block_size == 128:
+        assert np.array_equal(x_q, codec.Q8HLWQ.quantize(x).reshape(-1))
+    c_dots = np.array([ggml.vec_dot(name, row, x_q, cols) for row in weights])
+    model_dots = np.array([codec.vec_dot_reference(row, x, block_type.bits, block_type.block_size) for row in weights]) \
+        if block_type.block_size == 128 else None
+    if model_dots is not None:
+        assert np.abs(c_dots - model_dots).max() <= 1e-5 * np.abs(model_dots).max()
+    float_dots = np.stack([ggml.dequantize(name, row, cols) for row in weights]) @ x
+    # what remains is the int8 rounding of the rotated activation: well under 2 % of the largest dot
+    assert np.abs(c_dots - float_dots).max() <= 0.02 * np.abs(float_dots).max()
+
+
+def test_codebook_identity(ggml):
+    assert ggml.codebook == (gguf_types.CODEBOOK_NAME, gguf_types.codebook_fingerprint())
+
+
+def test_validation_catches_bad_scales(ggml):
+    block_type = codec.BLOCK_TYPES["HLWQ5"]
+    good = ggml.quantize("HLWQ5", _matrix(np.random.default_rng(3), 1, 256))[0]
+    assert ggml.validate_row("HLWQ5", good)
+    for bad_scale in (np.float16(np.inf), np.float16(np.nan)):
+        bad = good.copy()
+        bad[block_type.type_size:block_type.type_size + 2] = np.array([bad_scale], dtype="<f2").view(np.uint8)
+        assert not ggml.validate_row("HLWQ5", bad)
+
+
+def test_quantize_fns(llama_build):
+    """llama.cpp's test-quantize-fns: round-trip error and vec_dot against the float reference, every type."""
+    result = subprocess.run([str(llama_build.tool("test-quantize-fns"))], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    for name in WEIGHT_TYPES:
+        assert f"Testing {name.lower()}" in result.stdout
+
+
+def test_backend_ops_cpu(llama_build):
+    """test-backend-ops on the CPU backend for every op it instantiates with an HLWQ type."""
+    result = subprocess.run([str(llama_build.tool("test-backend-ops")), "-b", "CPU", "-p", "hlwq"],
+                            capture_output=True, text=True, timeout=1200)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    for op in ("MUL_MAT(", "MUL_MAT_ID(", "GET_ROWS(", "SET_ROWS(", "CPY("):
+        assert any(op in line and "hlwq" in line and "OK" in line for line in out.splitlines()), f"no passing {op} hlwq test"
+    assert "FAIL" not in out
