@@ -15,16 +15,84 @@ import time
 from pathlib import Path
 
 
+_ERROR_FILE: Path | None = None
+
+
 def _fail(message: str, code: int = 2) -> None:
+    """Report a user-facing error: one line in the error file the parent reads (stderr also carries progress bars)."""
+    if _ERROR_FILE is not None:
+        _ERROR_FILE.write_text(message)
     print(f"hlwq-gguf convert: error: {message}", file=sys.stderr)
     sys.exit(code)
 
 
+def _quantize_with_ggml(ggml, block_type, array, threads: int):
+    """HLWQ-code an array (..., n) with the patched ggml, which produces the same bytes as hlwq_gguf.codec.
+
+    ggml saturates a block scale beyond fp16 at 65504 rather than failing; such a block is refused here.
+    """
+    import numpy as np
+
+    from hlwq_gguf import codec
+
+    rows = array.reshape(-1, array.shape[-1])
+    packed = ggml.quantize(block_type.name, rows, threads)
+    scales = np.ascontiguousarray(packed.reshape(-1, block_type.type_size)[:, :2]).view("<f2").reshape(-1)
+    saturated = np.flatnonzero(~(np.abs(scales) < codec.FP16_MAX))
+    if saturated.size:
+        block = int(saturated[0])
+        norm = float(codec.block_norms(rows.reshape(-1, block_type.block_size)[block:block + 1])[0])
+        raise codec.HLWQValueError(f"block {block}: block norm {norm:.7g} exceeds fp16 range (max {codec.FP16_MAX:g})")
+    return packed.reshape(*array.shape[:-1], -1)
+
+
+class _CountedTensor:
+    """Stands in for a tensor in the writer's queue and advances the progress bar once it is on disk."""
+
+    def __init__(self, tensor, on_written):
+        self.tensor, self.nbytes, self.on_written = tensor, tensor.nbytes, on_written
+
+    def tofile(self, fout) -> None:
+        self.tensor.tofile(fout)
+        self.on_written(self.nbytes)
+
+
+def _with_progress(writer, stats: dict, enabled: bool):
+    """Replace the writer's byte-only bar by one over tensors that also shows bytes and the quantizer's rate."""
+    from tqdm import tqdm
+
+    original = writer.write_tensors_to_file
+
+    def write_tensors_to_file(*, progress: bool = False) -> None:
+        n_tensors = sum(len(shard) for shard in writer.tensors)
+        total_bytes = sum(ti.nbytes for shard in writer.tensors for ti in shard.values())
+        with tqdm(total=n_tensors, unit="tensor", desc="Converting", disable=not enabled, file=sys.stderr) as bar:
+            written = 0
+
+            def on_written(nbytes: int) -> None:
+                nonlocal written
+                written += nbytes
+                rate = stats["weights"] / max(stats["seconds"], 1e-9) / 1e6
+                bar.set_postfix_str(f"{written / 2**20:.0f}/{total_bytes / 2**20:.0f} MiB, {rate:.1f} M weights/s", refresh=False)
+                bar.update(1)
+
+            for shard in writer.tensors:
+                for ti in shard.values():
+                    ti.tensor = _CountedTensor(ti.tensor, on_written)
+            original(progress=False)
+
+    return write_tensors_to_file
+
+
 def main() -> None:
+    global _ERROR_FILE
     args = json.loads(sys.argv[1])
+    _ERROR_FILE = Path(args["error_out"])
     tree = Path(args["llama_cpp_tree"])
     sys.path[:0] = [str(tree / "gguf-py"), str(tree)]
-    logging.basicConfig(level=logging.WARNING if args.get("quiet") else logging.INFO, format="%(message)s")
+    # upstream's converter logs every hyper-parameter at INFO; our own progress bar says what is going on
+    logging.basicConfig(level=logging.INFO if args.get("verbose") else logging.ERROR if args.get("quiet") else logging.WARNING,
+                        format="%(message)s")
 
     import numpy as np
     import torch
@@ -34,6 +102,10 @@ def main() -> None:
 
     gguf_types.register(gguf)
     import convert_hf_to_gguf as upstream
+    from hlwq_gguf.ggml_ctypes import GGML
+
+    ggml = GGML(Path(args["lib_dir"]))
+    threads = int(args.get("threads") or os.cpu_count() or 1)
 
     recipe = recipes.RECIPES[args["recipe"]]
     dir_model = Path(args["model_dir"])
@@ -65,7 +137,7 @@ def main() -> None:
                     if block_type is None:
                         out = gguf.quants.quantize(array, qtype)
                     else:
-                        out = block_type.quantize(array)
+                        out = _quantize_with_ggml(ggml, block_type, array, threads)
                 except codec.HLWQValueError as e:
                     raise codec.HLWQValueError(f"tensor {name}: {e}") from None
                 stats["seconds"] += time.perf_counter() - started
@@ -99,6 +171,7 @@ def main() -> None:
             return original_add_tensor(name, tensor, raw_dtype=qtype, tensor_endianess=tensor_endianess)
 
         writer.add_tensor = add_tensor
+        writer.write_tensors_to_file = _with_progress(writer, stats, enabled=not args.get("quiet"))
         original_add_file_type = writer.add_file_type
         writer.add_file_type = lambda _ftype: original_add_file_type(recipe.ftype)
         for key, value in gguf_types.codebook_metadata().items():

@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hlwq_gguf import build as builder
 from hlwq_gguf import recipes, upstream
 
 from .source import ConversionError, load_checkpoint, resolve
@@ -30,7 +31,8 @@ class ConversionReport:
         return self.weights_quantized / max(self.quantize_seconds, 1e-9) / 1e6
 
 
-def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False) -> ConversionReport:
+def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
+                       verbose: bool = False, threads: int | None = None) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
@@ -47,43 +49,42 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
     if not checkpoint.architectures:
         raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
     tree = upstream.patched_tree()
+    lib_dir = builder.ensure_build().bin  # the HLWQ quantizer is the patched ggml's
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(fd)
     out_tmp = Path(tmp_name)
     stats_file = out_tmp.with_suffix(".stats.json")
+    error_file = out_tmp.with_suffix(".error")
     hub_id = None if Path(str(source)).expanduser().is_dir() else str(source)
     args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
-            "stats_out": str(stats_file), "hub_id": hub_id, "quiet": quiet}
+            "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
+            "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
-                            stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE if quiet else None,
+                            text=True)
     try:
         _, stderr = proc.communicate()
     except BaseException:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        out_tmp.unlink(missing_ok=True)
-        stats_file.unlink(missing_ok=True)
+        for leftover in (out_tmp, stats_file, error_file):
+            leftover.unlink(missing_ok=True)
         raise
     try:
         if proc.returncode != 0:
+            if error_file.exists():
+                raise ConversionError(error_file.read_text().strip())
             lines = [line for line in (stderr or "").splitlines() if line.strip()]
-            ours = [line for line in lines if line.startswith("hlwq-gguf convert: error: ")]
-            if ours:
-                raise ConversionError(ours[-1].removeprefix("hlwq-gguf convert: error: "))
-            if not quiet:
-                sys.stderr.write(stderr or "")
-            last = lines[-1] if lines else f"exit code {proc.returncode}"
+            last = lines[-1].split("\r")[-1] if lines else f"exit code {proc.returncode} (its output is above)"
             raise ConversionError(f"{model_dir}: conversion failed: {last}")
-        if not quiet:
-            sys.stderr.write(stderr or "")
         stats = json.loads(stats_file.read_text())
         os.replace(out_tmp, output)
     finally:
-        out_tmp.unlink(missing_ok=True)
-        stats_file.unlink(missing_ok=True)
+        for leftover in (out_tmp, stats_file, error_file):
+            leftover.unlink(missing_ok=True)
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=stats["wall_seconds"], tensor_types=stats["types"])

@@ -97,6 +97,8 @@ def ensure_build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | N
             raise BuildError(f"{' '.join(cmd[:3])} failed in {build_dir}:\n{tail}")
 
     started = time.time()
+    print(f"hlwq-gguf: building the patched llama.cpp ({key}) in {build_dir}; the first build takes several minutes",
+          file=sys.stderr)
     run(["cmake", str(source), *_cmake_args(cuda, cuda_arch)])
     run(["cmake", "--build", ".", "-j", str(jobs), "--target", *TARGETS])
     stamp.write_text(key + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -62,12 +63,27 @@ class GGML:
         t = self.traits(name)
         return n // t.blck_size * t.type_size
 
-    def quantize(self, name: str, x: np.ndarray) -> np.ndarray:
-        """ggml_quantize_chunk over the rows of a 2-D float32 array (what llama-quantize runs)."""
+    def quantize(self, name: str, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """ggml_quantize_chunk over the rows of a 2-D float32 array (what llama-quantize runs).
+
+        With threads > 1 the rows are split into chunks quantized concurrently (ctypes releases the GIL); every
+        row is coded on its own, so the bytes do not depend on the thread count.
+        """
         x = np.ascontiguousarray(x, dtype=np.float32)
         rows, n = x.shape
-        out = np.zeros((rows, self.row_bytes(name, n)), dtype=np.uint8)
-        self.base.ggml_quantize_chunk(self.type_id(name), _ptr(x), _ptr(out), 0, rows, n, None)
+        out = np.empty((rows, self.row_bytes(name, n)), dtype=np.uint8)
+        type_id = self.type_id(name)
+
+        def run(first: int, count: int) -> None:
+            self.base.ggml_quantize_chunk(type_id, _ptr(x[first:]), _ptr(out[first:]), 0, count, n, None)
+
+        chunk = max(1, -(-rows // (4 * threads)))
+        if threads <= 1 or rows <= chunk:
+            run(0, rows)
+            return out
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(run, first, min(chunk, rows - first)) for first in range(0, rows, chunk)]:
+                future.result()
         return out
 
     def from_float(self, name: str, x: np.ndarray) -> np.ndarray:

@@ -37,10 +37,15 @@ class QuantizeResult:
 
 
 def llama_quantize(build: Build, source: Path, output: Path, ftype: str, imatrix: Path | None = None,
-                   threads: int | None = None) -> QuantizeResult:
-    """llama-quantize SOURCE into OUTPUT as FTYPE (Q5_K_M, HLWQ5, ...), atomically; reports fallbacks."""
+                   threads: int | None = None, pure: bool = False) -> QuantizeResult:
+    """llama-quantize SOURCE into OUTPUT as FTYPE (Q5_K_M, HLWQ5, ...), atomically; reports fallbacks.
+
+    pure: every matrix gets FTYPE's base type (llama-quantize --pure), no per-tensor mix.
+    """
     tmp = output.with_name(f".{output.name}.partial")
     cmd = [build.tool("llama-quantize")]
+    if pure:
+        cmd.append("--pure")
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     cmd += [source, tmp, ftype, str(threads or default_threads())]

@@ -16,7 +16,7 @@ class Recipe:
     name: str
     ftype: int  # llama_ftype written to general.file_type
     base_bits: int
-    # tensor-name fragments that get `more_bits`
+    # tensor categories (see tensor_category) that get `more_bits`
     more_bits_for: tuple[str, ...] = ()
     more_bits: int = 6
     description: str = ""
@@ -28,10 +28,28 @@ RECIPES: dict[str, Recipe] = {
     "hlwq5": Recipe("hlwq5", 102, 5, description="5-bit HLWQ everywhere (5.125 bpw)"),
     "hlwq6": Recipe("hlwq6", 103, 6, description="6-bit HLWQ everywhere (6.125 bpw)"),
     "hlwq5_m": Recipe(
-        "hlwq5_m", 104, 5, more_bits_for=("attn_v.weight", "attn_qkv.weight", "ffn_down", "output.weight"),
+        "hlwq5_m", 104, 5, more_bits_for=("attn_v", "ffn_down", "output"),
         description="HLWQ5 with HLWQ6 for attn_v, ffn_down and the output projection",
     ),
 }
+
+
+def tensor_category(name: str) -> str:
+    """The category llama-quantize's tensor_get_category() gives a GGUF tensor name (the subset recipes use).
+
+    attn_v covers attn_v, attn_qkv and MLA's attn_kv_b (llama.cpp's category_is_attn_v); output is only the
+    output projection itself, never attn_output.
+    """
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    if any(part in name for part in ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")):
+        return "attn_v"
+    if "ffn_down" in name:
+        return "ffn_down"
+    return "other"
+
 
 # substrings of tensor names that llama.cpp never quantizes (tensor_allows_quantization)
 _NEVER_QUANTIZED = (
@@ -64,9 +82,10 @@ def tensor_type(recipe: Recipe, name: str, shape: tuple[int, ...], tied_embeddin
     """
     if not allows_quantization(name, shape):
         return None
+    category = tensor_category(name)
     bits = recipe.base_bits
-    if any(fragment in name for fragment in recipe.more_bits_for) or (
-            tied_embeddings and name == "token_embd.weight" and "output.weight" in recipe.more_bits_for):
+    # with tied embeddings token_embd is the output projection too
+    if category in recipe.more_bits_for or (tied_embeddings and category == "token_embd" and "output" in recipe.more_bits_for):
         bits = recipe.more_bits
     width = shape[-1]
     for block_size in (128, 64):

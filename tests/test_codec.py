@@ -198,20 +198,28 @@ def test_norm_mode_error_matches_table_mse(bits, qk):
         assert low <= ratio <= 1.005, (table, ratio)
 
 
+# fit's squared error relative to the reference's norm scale on N(0,1) blocks, measured by
+# scripts/measure_block_scale.py (0.931 / 0.833 / 0.759 / 0.730 at QK = 128), with 0.02 of slack
+FIT_RATIO_BOUND = {(3, 128): 0.95, (4, 128): 0.855, (5, 128): 0.78, (6, 128): 0.75,
+                   (3, 64): 0.89, (4, 64): 0.77, (5, 64): 0.70, (6, 64): 0.67}
+
+
 @pytest.mark.parametrize("qk", [128, 64])
 @pytest.mark.parametrize("bits", [3, 4, 5, 6])
-def test_lsq_not_worse_than_norm(bits, qk):
+def test_fit_beats_the_norm_scale(bits, qk):
     rng = np.random.default_rng(bits)
     blocks = np.concatenate([rng.standard_normal((512, qk)), rng.standard_t(4, (512, qk))]).astype(np.float32)
     d_norm, c_norm = codec.quantize_blocks(blocks, bits, qk, scale_mode="norm")
-    d_lsq, c_lsq = codec.quantize_blocks(blocks, bits, qk, scale_mode="lsq")
+    d_fit, c_fit = codec.quantize_blocks(blocks, bits, qk, scale_mode="fit")
     w_norm = codec.dequantize_blocks(d_norm, c_norm, bits, qk)
-    w_lsq = codec.dequantize_blocks(d_lsq, c_lsq, bits, qk)
-    assert relative_mse(blocks, w_lsq) < 0.97 * relative_mse(blocks, w_norm)
-    # per block too, up to the fp16 rounding of the scale (<= 2**-11 relative)
+    w_fit = codec.dequantize_blocks(d_fit, c_fit, bits, qk)
+    assert relative_mse(blocks, w_fit) < FIT_RATIO_BOUND[bits, qk] * relative_mse(blocks, w_norm)
+    # the search is not exhaustive: a block may keep a slightly worse optimum than the norm's, but rarely and
+    # by little
     err_norm = ((w_norm - blocks) ** 2).sum(axis=1)
-    err_lsq = ((w_lsq - blocks) ** 2).sum(axis=1)
-    assert np.all(err_lsq <= err_norm * (1 + 1e-3) + 1e-3 * 2.0**-10 * (blocks**2).sum(axis=1))
+    err_fit = ((w_fit - blocks) ** 2).sum(axis=1)
+    assert (err_fit <= err_norm).mean() >= 0.98
+    assert np.all(err_fit <= 1.05 * err_norm)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
@@ -223,7 +231,7 @@ def test_quantize_dequantize_shapes_and_error(qtype):
     assert packed.dtype == np.uint8 and packed.shape == (3, 4, n_blocks * qtype.type_size)
     restored = qtype.dequantize(packed)
     assert restored.dtype == np.float32 and restored.shape == weights.shape
-    # lsq with the converged table stays below the table's N(0,1) MSE; 10 % slack for 24-48 blocks
+    # fit with the converged table stays below the table's N(0,1) MSE; 10 % slack for 24-48 blocks
     tables = json.loads(codec.CODEBOOK_PATH.read_text())["tables"]
     bound = 1.1 * tables[str(qtype.bits)]["converged"]["mse_on_N01"]
     assert relative_mse(weights, restored) < bound

@@ -26,13 +26,9 @@ def test_c_quantizer_matches_numpy(ggml, name):
     x = _matrix(rng, 96, cols)
     c_bytes = ggml.quantize(name, x)
     py_bytes = block_type.quantize(x)
-    d_c, codes_c = block_type.unpack_blocks(c_bytes)
-    d_py, codes_py = block_type.unpack_blocks(py_bytes)
-    # summation order differs (numpy pairwise vs C sequential): codes may differ only at decision boundaries
-    assert (codes_c == codes_py).mean() >= 0.9999
-    same_codes = (codes_c == codes_py).all(axis=1)
-    ulps = np.abs(d_c.view(np.int16).astype(np.int32) - d_py.view(np.int16).astype(np.int32))
-    assert ulps[same_codes].max() <= 1
+    # both run the same fp32 operations in the same order (tree-summed norm, left-to-right dot products, and no
+    # fused multiply-add in ggml-base's baseline x86-64 build), so the scale search picks the same start everywhere
+    assert np.array_equal(c_bytes, py_bytes)
     # and the C ref quantizer is what the CPU backend's from_float (SET_ROWS, CPY) runs
     assert np.array_equal(ggml.from_float(name, x[:4]), c_bytes[:4].reshape(-1))
 
