@@ -46,6 +46,45 @@ def _quantize_with_ggml(ggml, block_type, array, threads: int):
     return packed.reshape(*array.shape[:-1], -1)
 
 
+class _AnonymousMemoryPeak:
+    """Samples the process's RssAnon (heap and buffers, not the page cache of mmapped safetensors) in a thread.
+
+    The kernel keeps a high-water mark only for the whole RSS, which counts the checkpoint's file pages that
+    mmap brings in and the kernel may drop at will; the memory the conversion really holds is the anonymous part.
+    """
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    @staticmethod
+    def current_bytes() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+
+    def __enter__(self):
+        if Path("/proc/self/status").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if Path("/proc/self/status").exists():
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+
+
 class _CountedTensor:
     """Stands in for a tensor in the writer's queue and advances the progress bar once it is on disk."""
 
@@ -180,12 +219,14 @@ def main() -> None:
 
         started = time.time()
         try:
-            model.write()
+            with _AnonymousMemoryPeak() as memory:
+                model.write()
         except codec.HLWQValueError as e:
             _fail(f"{dir_model}: {e}")
         elapsed = time.time() - started
 
     stats["wall_seconds"] = elapsed
+    stats["peak_anon_bytes"] = memory.peak_bytes
     with open(args["stats_out"], "w") as f:
         json.dump(stats, f)
 

@@ -25,6 +25,8 @@ class ConversionReport:
     quantize_seconds: float
     wall_seconds: float
     tensor_types: dict[str, int] = field(default_factory=dict)
+    # peak anonymous memory of the converting process (RssAnon: not the checkpoint's mmapped file pages)
+    peak_anon_bytes: int = 0
 
     @property
     def mweights_per_second(self) -> float:
@@ -87,4 +89,5 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
             leftover.unlink(missing_ok=True)
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
-                            wall_seconds=stats["wall_seconds"], tensor_types=stats["types"])
+                            wall_seconds=stats["wall_seconds"], tensor_types=stats["types"],
+                            peak_anon_bytes=stats["peak_anon_bytes"])

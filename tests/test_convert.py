@@ -111,3 +111,36 @@ def test_codebook_mismatch_is_refused(llama_build, smollm2_hlwq5, tmp_path):
     with pytest.raises(llama_tools.ToolError) as info:
         llama_tools.generate(llama_build, bad, "Hello", n_predict=2)
     assert "codebook" in str(info.value)
+
+
+def test_dump_names_the_hlwq_types(smollm2_hlwq5):
+    """`hlwq-gguf dump` is gguf-dump with the types registered: every quantized tensor is listed by its HLWQ name."""
+    path, report = smollm2_hlwq5
+    result = subprocess.run(["hlwq-gguf", "dump", "--no-tensors", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "hlwq.codebook" in result.stdout
+    result = subprocess.run(["hlwq-gguf", "dump", str(path)], capture_output=True, text=True, check=True)
+    listed = [line.split("|")[2].strip() for line in result.stdout.splitlines() if line.count("|") == 3]
+    counts = {name.lower(): listed.count(name) for name in set(listed) if name.startswith("HLWQ")}
+    assert counts == report.tensor_types
+
+
+def test_memory_does_not_grow_with_model_size(smollm2_hf, tmp_path):
+    """Streaming: a model with 12x the layers (same largest tensor) needs about the same converter memory.
+
+    The two checkpoints differ by 115 MiB of float32 layers; holding converted tensors until the end would add
+    all of it to the peak; streaming adds nothing but allocator noise (measured: +0.2 MiB over a 328 MiB peak).
+    """
+    from conftest import write_tiny_llama
+
+    peaks, sizes = {}, {}
+    for layers in (2, 24):
+        folder = write_tiny_llama(tmp_path / f"layers{layers}", smollm2_hf, hidden=256, intermediate=1536,
+                                  layers=layers)
+        sizes[layers] = (folder / "model.safetensors").stat().st_size
+        report = convert_checkpoint(folder, tmp_path / f"layers{layers}.gguf", recipe="hlwq5", quiet=True)
+        peaks[layers] = report.peak_anon_bytes
+        shutil.rmtree(folder)
+    growth = peaks[24] - peaks[2]
+    assert peaks[2] > 0
+    assert growth < 0.15 * (sizes[24] - sizes[2]), (peaks, sizes)

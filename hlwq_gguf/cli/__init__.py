@@ -6,6 +6,7 @@ import click
 from . import build as build_cmd
 from . import convert as convert_cmd
 from . import demo as demo_cmd
+from . import dump as dump_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,3 +18,4 @@ def main() -> None:
 main.add_command(build_cmd.build)
 main.add_command(convert_cmd.convert)
 main.add_command(demo_cmd.demo)
+main.add_command(dump_cmd.dump_command)

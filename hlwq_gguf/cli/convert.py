@@ -25,4 +25,4 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
     types = ", ".join(f"{n} x{c}" for n, c in sorted(report.tensor_types.items()))
     click.echo(f"{report.output}: {report.bytes / 2**20:.1f} MiB, recipe {report.recipe} ({types}); "
                f"quantized {report.weights_quantized / 1e6:.1f} M weights at {report.mweights_per_second:.1f} M weights/s, "
-               f"{report.wall_seconds:.1f} s in all")
+               f"{report.wall_seconds:.1f} s in all, peak memory {report.peak_anon_bytes / 2**20:.0f} MiB")

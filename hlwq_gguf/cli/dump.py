@@ -1,0 +1,28 @@
+"""`hlwq-gguf dump`: gguf-dump (from the installed `gguf` package) with the HLWQ types registered."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def dump(argv: list[str]) -> None:
+    """Run gguf-dump on `argv` (its own options and the file) after registering the HLWQ types with `gguf`."""
+    from gguf.scripts import gguf_dump
+
+    from hlwq_gguf import gguf_types
+
+    gguf_types.register()
+    saved_argv = sys.argv
+    sys.argv = ["hlwq-gguf dump", *argv]
+    try:
+        gguf_dump.main()
+    finally:
+        sys.argv = saved_argv
+
+
+@click.command(name="dump", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("gguf_dump_args", nargs=-1, type=click.UNPROCESSED)
+def dump_command(gguf_dump_args: tuple[str, ...]) -> None:
+    """gguf-dump for HLWQ files: metadata and tensor table (all of gguf-dump's options, e.g. --markdown, --json)."""
+    dump(list(gguf_dump_args))
