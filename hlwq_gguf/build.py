@@ -42,6 +42,12 @@ class Build:
     def source(self) -> Path:
         return paths.patched_tree()
 
+    def version_line(self) -> str:
+        """What the build says about itself: llama.cpp build number, commit and the patch series it carries."""
+        stamp = self.root / ".hlwq-build-key"
+        series = stamp.read_text().strip() if stamp.exists() else "unknown"
+        return f"llama.cpp b{paths.LLAMA_CPP_BUILD_NUMBER} ({paths.LLAMA_CPP_COMMIT}) + ggml_patch series {series}"
+
 
 def build_key(cuda: bool, cuda_arch: str | None) -> str:
     variant = f"cuda-{cuda_arch or 'native'}" if cuda else "cpu"

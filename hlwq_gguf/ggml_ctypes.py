@@ -107,6 +107,17 @@ class GGML:
         self.cpu_traits(name).vec_dot(n, _ptr(result), 0, _ptr(w), 0, _ptr(a), 0, 1)
         return float(result[0])
 
+    def vec_dot_2x2(self, name: str, weight_rows: np.ndarray, activation_rows: np.ndarray, n: int) -> np.ndarray:
+        """The vec_dot of two weight rows with two activation rows in one call (nrc = 2, the path prompt
+        processing takes when the type's traits say nrows = 2): result[i, j] = weight_rows[i] . activation_rows[j]."""
+        w = np.ascontiguousarray(weight_rows, dtype=np.uint8)
+        a = np.ascontiguousarray(activation_rows, dtype=np.uint8)
+        assert w.shape[0] == a.shape[0] == 2
+        result = np.zeros(18, dtype=np.float32)  # s[0], s[1] for the first activation, s[bs], s[bs+1] for the second
+        bs = 16
+        self.cpu_traits(name).vec_dot(n, _ptr(result), bs, _ptr(w), w.strides[0], _ptr(a), a.strides[0], 2)
+        return np.array([[result[0], result[bs]], [result[1], result[bs + 1]]])
+
     def validate_row(self, name: str, data: np.ndarray) -> bool:
         data = np.ascontiguousarray(data, dtype=np.uint8)
         return bool(self.base.ggml_validate_row_data(self.type_id(name), _ptr(data), data.size))

@@ -15,7 +15,8 @@ class ToolError(RuntimeError):
     pass
 
 
-def _run(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> str:
+def run_tool(cmd: list, timeout: float | None = None, env: dict | None = None) -> str:
+    """Run a llama.cpp tool; its stdout and stderr together, or ToolError with the tail of its output."""
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **(env or {})})
     if result.returncode != 0:
@@ -50,7 +51,7 @@ def llama_quantize(build: Build, source: Path, output: Path, ftype: str, imatrix
         cmd += ["--imatrix", imatrix]
     cmd += [source, tmp, ftype, str(threads or default_threads())]
     try:
-        log = _run(cmd)
+        log = run_tool(cmd)
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -102,7 +103,23 @@ def perplexity(build: Build, model: Path, text_file: Path, ctx: int = 512, chunk
     if kld_base is not None:
         cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     cmd += extra or []
-    return _parse_quality(_run(cmd))
+    return _parse_quality(run_tool(cmd))
+
+
+def imatrix(build: Build, model: Path, text_file: Path, output: Path, ctx: int = 512, chunks: int | None = None,
+            threads: int | None = None) -> Path:
+    """llama-imatrix of MODEL over TEXT_FILE into OUTPUT (written atomically)."""
+    tmp = output.with_name(f".{output.name}.partial{output.suffix}")
+    cmd = [build.tool("llama-imatrix"), "-m", model, "-f", text_file, "-c", str(ctx), "-o", tmp,
+           "-t", str(threads or default_threads()), "--no-ppl"]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    try:
+        run_tool(cmd)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
 
 
 def bench(build: Build, models: list[Path], n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
@@ -113,7 +130,7 @@ def bench(build: Build, models: list[Path], n_prompt: int = 512, n_gen: int = 12
     for model in models:
         cmd += ["-m", model]
     cmd += extra or []
-    out = _run(cmd)
+    out = run_tool(cmd)
     start = out.index("[")
     return json.loads(out[start:out.rindex("]") + 1])
 

@@ -37,17 +37,20 @@ def main(table: str = "converged") -> None:
         for i in range(0, n, 8):
             print("    " + " ".join(f"{int(v)}," for v in i16[i:i + 8]))
         print("GGML_TABLE_END()\n")
-        # the SIMD dot product looks the int16 values up as two byte tables (t = 128*hi + lo, lo in [0, 127])
-        # of at least 16 entries each, so that a 16-byte shuffle table can always be loaded
-        padded = np.zeros(max(n, 16), dtype=np.int64)
-        padded[:n] = i16
-        for part, values in (("lo", padded & 127), ("hi", padded >> 7)):
-            ctype = "uint8_t" if part == "lo" else "int8_t"
-            print(f"GGML_TABLE_BEGIN({ctype}, hlwq_codebook_i16{part}_{bits}, {len(values)})")
+        # The SIMD dot product uses the symmetry of the tables, t[n-1-m] = -t[m] (exact in int16): it looks up
+        # the magnitude |t| of the lower half (index m = code ^ (n-1) when the code's top bit is set, else code)
+        # and moves the sign onto the activation. |t| = 128*hi + lo is split in two byte tables (both < 128, so
+        # the products stay in maddubs range), padded to 16 entries so a 16-byte shuffle table can always be loaded.
+        half = n // 2
+        assert np.array_equal(i16[::-1], -i16) and np.all(i16[:half] < 0), f"{bits}-bit table is not symmetric"
+        magnitude = np.zeros(max(half, 16), dtype=np.int64)
+        magnitude[:half] = -i16[:half]
+        assert magnitude.max() < 128 * 128
+        for part, values in (("lo", magnitude & 127), ("hi", magnitude >> 7)):
+            print(f"GGML_TABLE_BEGIN(uint8_t, hlwq_codebook_mag{part}_{bits}, {len(values)})")
             for i in range(0, len(values), 16):
                 print("    " + " ".join(f"{int(v)}," for v in values[i:i + 16]))
             print("GGML_TABLE_END()\n")
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

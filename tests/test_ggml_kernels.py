@@ -82,6 +82,24 @@ def test_validation_catches_bad_scales(ggml):
         assert not ggml.validate_row("HLWQ5", bad)
 
 
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_two_by_two_vec_dot_equals_single_dots(ggml, name):
+    """Prompt processing takes the nrc = 2 kernel (two weight rows by two activations, each block decoded once);
+    it must give exactly what four single dot products give."""
+    if ggml.cpu_traits(name).nrows != 2:
+        pytest.skip(f"{name} has no two-row kernel on this CPU")
+    block_type = codec.BLOCK_TYPES[name]
+    activation_type = "Q8_HLWQ" if block_type.block_size == 128 else "Q8_HLWQ_64"
+    rng = np.random.default_rng(13)
+    cols = 1024 if block_type.block_size == 128 else 576
+    weights = ggml.quantize(name, _matrix(rng, 4, cols))[:2]  # row 2 is the all-zero one
+    activations = np.stack([ggml.from_float(activation_type, rng.standard_normal(cols).astype(np.float32))
+                            for _ in range(2)])
+    singles = np.array([[ggml.vec_dot(name, w, a, cols) for a in activations] for w in weights])
+    assert np.abs(singles).min() > 0
+    assert np.array_equal(ggml.vec_dot_2x2(name, weights, activations, cols), singles)
+
+
 def test_quantize_fns(llama_build):
     """llama.cpp's test-quantize-fns: round-trip error and vec_dot against the float reference, every type."""
     result = subprocess.run([str(llama_build.tool("test-quantize-fns"))], capture_output=True, text=True, timeout=600)

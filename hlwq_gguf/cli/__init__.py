@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from . import bench as bench_cmd
 from . import build as build_cmd
 from . import convert as convert_cmd
 from . import demo as demo_cmd
@@ -15,6 +16,7 @@ def main() -> None:
     """HLWQ (Hadamard-Lloyd weight quantization) for GGUF and llama.cpp."""
 
 
+main.add_command(bench_cmd.bench)
 main.add_command(build_cmd.build)
 main.add_command(convert_cmd.convert)
 main.add_command(demo_cmd.demo)

@@ -1,0 +1,42 @@
+"""`hlwq-gguf bench`: HLWQ against llama.cpp's quants, quality and speed, in one run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hlwq_gguf import bench as benchmark
+from hlwq_gguf import build, llama_tools, models, recipes
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
+
+
+@click.command()
+@click.argument("source", default=models.DEFAULT_MODEL)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where results.json, results.md and the plots go (default: ./bench-<model>).")
+@click.option("--quick", is_flag=True, help="A few-minute run: Q5_K_M, Q4_K_M, HLWQ5, HLWQ5_M, short text and benches.")
+@click.option("--imatrix", is_flag=True, help="Compute an importance matrix on the text and apply it to the K/IQ quants.")
+@click.option("--protocol", type=click.Choice(["kld", "polarquant"]), default="kld", show_default=True,
+              help="kld: KL-divergence vs the reference; polarquant: the reference implementation's strided PPL.")
+@click.option("--quants", help=f"llama.cpp quants, comma-separated (default: {','.join(benchmark.LLAMA_QUANTS)}).")
+@click.option("--recipes", "hlwq", help=f"HLWQ recipes, comma-separated (default: {','.join(benchmark.HLWQ_RECIPES)}; "
+              f"known: {','.join(recipes.RECIPES)}).")
+@click.option("--ctx", type=int, help="Tokens per perplexity chunk (default 512, --quick 256).")
+@click.option("--chunks", type=int, help="Perplexity chunks (default 16, --quick 4; polarquant: windows, default 30).")
+@click.option("--rounds", type=int, help="Interleaved llama-bench rounds (default 5, --quick 1).")
+@click.option("-t", "--threads", type=int, help="Threads for every tool (default: all cores).")
+@click.option("--reference-type", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="Type of the full-precision reference GGUF built from a checkpoint.")
+def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protocol: str, quants: str | None,
+          hlwq: str | None, ctx: int | None, chunks: int | None, rounds: int | None, threads: int | None,
+          reference_type: str) -> None:
+    """Benchmark SOURCE: a model name (smollm2-135m, gemma3-270m), an HF folder or hub id, or an F16/BF16/F32 GGUF."""
+    try:
+        benchmark.run_bench(source, out_dir, quick=quick, imatrix=imatrix, protocol=protocol,
+                            llama_quants=_names(quants), hlwq_recipes=_names(hlwq), ctx=ctx, chunks=chunks,
+                            rounds=rounds, threads=threads, reference_type=reference_type, log=click.echo)
+    except (benchmark.BenchError, llama_tools.ToolError, build.BuildError) as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,90 @@
+"""`hlwq-gguf bench --quick` on a tiny model: well-formed, internally consistent outputs (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hlwq_gguf import bench, gguf_types
+
+from conftest import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory, smollm2_hf):
+    root = tmp_path_factory.mktemp("bench")
+    # 256-wide rows fit the K-quants; the 320-wide ffn_down rows do not (llama-quantize falls back there)
+    model = write_tiny_llama(root / "tiny-llama", smollm2_hf, hidden=256, intermediate=320)
+    result = bench.run_bench(str(model), root / "out", quick=True, imatrix=True, show_progress=False,
+                             log=lambda *_: None)
+    return result, root / "out"
+
+
+def _rows_not_multiple_of(path, block: int) -> int:
+    """Quantized (non-float) 2-D tensors of a GGUF whose rows are not a multiple of `block`."""
+    gguf = gguf_types.register()
+    return sum(1 for t in gguf.GGUFReader(str(path)).tensors
+               if len(t.shape) >= 2 and t.tensor_type.name not in ("F32", "F16", "BF16") and int(t.shape[0]) % block)
+
+
+def test_outputs_exist_and_agree(quick_bench):
+    result, out = quick_bench
+    data = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in data["variants"]] == [v.name for v in result.variants]
+    assert [v["name"] for v in data["variants"]] == ["F32", "Q5_K_M", "Q4_K_M", "HLWQ5_M", "HLWQ5"]
+    table = (out / "results.md").read_text()
+    for v in result.variants:
+        assert any(line.startswith((f"| {v.name} ", f"| **{v.name}")) for line in table.splitlines())
+    for png in ("kld_vs_bpw.png", "speed.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sizes_are_real_file_sizes(quick_bench):
+    result, _ = quick_bench
+    params = {v.params for v in result.variants}
+    assert len(params) == 1  # every variant holds the same weights
+    for v in result.variants:
+        assert v.bpw == pytest.approx(v.file_bytes * 8 / v.params)
+    by_name = {v.name: v for v in result.variants}
+    assert by_name["F32"].bpw > 31
+    # HLWQ5_M gives some tensors 6 bits: never smaller than HLWQ5, and both near their block sizes' bpw
+    assert 5.125 <= by_name["HLWQ5"].matrix_bpw <= 5.25 < by_name["HLWQ5_M"].matrix_bpw <= 6.25
+
+
+def test_imatrix_goes_to_the_k_quants_only(quick_bench):
+    result, _ = quick_bench
+    assert all(v.imatrix == (v.family == "llama.cpp") for v in result.variants)
+    assert any("importance matrix" in note for note in result.notes)
+
+
+def test_fallbacks_are_counted_from_the_files(quick_bench):
+    result, _ = quick_bench
+    for v in result.variants:
+        if v.family == "llama.cpp":
+            assert v.fallbacks == _rows_not_multiple_of(v.file, 256) > 0
+        elif v.family == "hlwq":
+            assert v.fallbacks is None and _rows_not_multiple_of(v.file, 64) == 0
+
+
+def test_quality_and_speed_are_consistent(quick_bench):
+    result, _ = quick_bench
+    reference = result.variants[0]
+    assert reference.kld_mean is None and reference.ppl > 0
+    for v in result.variants[1:]:
+        assert v.kld_mean is not None and v.kld_mean >= 0 and v.kld_p99 >= 0
+        assert 0 <= v.same_top_p <= 100
+        assert len(v.pp_samples) == len(v.tg_samples) == result.settings.rounds
+        assert v.pp > 0 and v.tg > 0
+    baseline = result.variant(bench.BASELINE)
+    assert baseline.pp_vs_baseline == 1.0 and baseline.tg_vs_baseline == 1.0
+    for v in result.variants[1:]:
+        assert v.pp_vs_baseline == pytest.approx(v.pp / baseline.pp)
+        assert v.tg_vs_baseline == pytest.approx(v.tg / baseline.tg)
+    # 6 bits on some tensors cannot make HLWQ5_M worse than HLWQ5 on the same weights and text
+    assert result.variant("HLWQ5_M").kld_mean <= result.variant("HLWQ5").kld_mean
+
+
+def test_bad_source_is_one_line(tmp_path):
+    with pytest.raises(Exception) as info:
+        bench.run_bench(str(tmp_path / "missing.gguf"), tmp_path / "out", quick=True, show_progress=False)
+    assert "missing.gguf" in str(info.value) and "\n" not in str(info.value)
