@@ -17,7 +17,7 @@ class ToolError(RuntimeError):
 
 def run_tool(cmd: list, timeout: float | None = None, env: dict | None = None) -> str:
     """Run a llama.cpp tool; its stdout and stderr together, or ToolError with the tail of its output."""
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", timeout=timeout,
                             env={**os.environ, **(env or {})})
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
@@ -139,7 +139,7 @@ def generate(build: Build, model: Path, prompt: str, n_predict: int = 64, seed: 
     """Greedy completion of PROMPT with llama-completion (llama.cpp's one-shot text generation tool)."""
     cmd = [build.tool("llama-completion"), "-m", model, "-p", prompt, "-n", str(n_predict), "--seed", str(seed),
            "--temp", "0", "-t", str(threads or default_threads()), "-no-cnv", "--no-display-prompt", "--no-warmup"]
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL, timeout=600)
     if result.returncode != 0:
         errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "failed" in line.lower()]
         raise ToolError(f"llama-completion exited with {result.returncode}: {' | '.join(errors[-4:] or result.stderr.splitlines()[-3:])}")
