@@ -8,6 +8,7 @@ from . import build as build_cmd
 from . import convert as convert_cmd
 from . import demo as demo_cmd
 from . import dump as dump_cmd
+from . import plan as plan_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,3 +22,4 @@ main.add_command(build_cmd.build)
 main.add_command(convert_cmd.convert)
 main.add_command(demo_cmd.demo)
 main.add_command(dump_cmd.dump_command)
+main.add_command(plan_cmd.plan)

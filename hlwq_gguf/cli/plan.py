@@ -1,0 +1,26 @@
+"""`hlwq-gguf plan`: which layers' MoE experts fit on the GPU for a VRAM budget, and the llama.cpp flags for it."""
+from __future__ import annotations
+
+import click
+
+from hlwq_gguf import plan as planner
+
+
+@click.command(name="plan")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--vram", required=True, help="GPU memory budget, e.g. 24GiB, 16GB, 12000MiB.")
+@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size (tokens).")
+@click.option("--kv", "kv_type", type=click.Choice(list(planner.KV_TYPES), case_sensitive=False), default="f16",
+              show_default=True, help="KV-cache type for K and V, as llama.cpp names it (HLWQ KV types do not "
+                                      "exist in llama.cpp yet).")
+@click.option("--kv-v", "kv_type_v", type=click.Choice(list(planner.KV_TYPES), case_sensitive=False), default=None,
+              help="A different type for V (default: --kv).")
+@click.option("--reserve", default="512MiB", show_default=True,
+              help="VRAM kept free for the CUDA context and allocator slack, which llama.cpp does not count.")
+def plan(model: str, vram: str, n_ctx: int, kv_type: str, kv_type_v: str | None, reserve: str) -> None:
+    """Plan where MODEL's tensors go: non-experts and KV cache on the GPU, then as many layers' experts as fit."""
+    try:
+        result = planner.plan_file(model, vram, n_ctx, kv_type, kv_type_v, reserve=planner.parse_size(reserve))
+    except planner.PlanError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(result.table())
