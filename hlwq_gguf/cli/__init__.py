@@ -9,6 +9,7 @@ from . import convert as convert_cmd
 from . import demo as demo_cmd
 from . import dump as dump_cmd
 from . import plan as plan_cmd
+from . import run as run_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,3 +24,5 @@ main.add_command(convert_cmd.convert)
 main.add_command(demo_cmd.demo)
 main.add_command(dump_cmd.dump_command)
 main.add_command(plan_cmd.plan)
+main.add_command(run_cmd.run)
+main.add_command(run_cmd.chat)
