@@ -119,7 +119,7 @@ def _reference_and_checkpoint(source: str, reference_type: str, log) -> tuple[Pa
     folder for this source's quantized variants, keyed by the source's fingerprint so edited weights never meet
     stale files."""
     from convert.reference import reference_gguf
-    from convert.source import resolve
+    from convert.source import load_checkpoint, resolve
 
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
@@ -137,6 +137,7 @@ def _reference_and_checkpoint(source: str, reference_type: str, log) -> tuple[Pa
             models.unquantize_to_hf(source, checkpoint)
     else:
         checkpoint = resolve(source)
+    load_checkpoint(checkpoint)  # a missing config.json or broken safetensors fail here, before any work
     workdir = _workdir(checkpoint)
     reference = workdir / f"{reference_type.upper()}.gguf"
     if not reference.exists():
@@ -268,10 +269,10 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
         settings.ctx, settings.chunks = 2048, chunks or 30
     slug = _slug(source)
     out_dir = Path(out_dir or Path.cwd() / f"bench-{slug}")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     reference, checkpoint, workdir = _reference_and_checkpoint(source, reference_type, log)
     build = builder.ensure_build()
+    out_dir.mkdir(parents=True, exist_ok=True)
     text_file = textdata.measurement_text_file()
     if protocol == "polarquant":
         text_file = workdir / "polarquant-slice.txt"

@@ -88,3 +88,16 @@ def test_bad_source_is_one_line(tmp_path):
     with pytest.raises(Exception) as info:
         bench.run_bench(str(tmp_path / "missing.gguf"), tmp_path / "out", quick=True, show_progress=False)
     assert "missing.gguf" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from hlwq_gguf.cli import main
+
+    (tmp_path / "empty").mkdir()
+    for source in (tmp_path / "missing-folder", tmp_path / "empty"):
+        result = CliRunner().invoke(main, ["bench", str(source), "--quick", "-o", str(tmp_path / "out")])
+        assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+        assert str(source) in result.output
+    assert not (tmp_path / "out").exists()

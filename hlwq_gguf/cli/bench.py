@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from convert.source import ConversionError
 from hlwq_gguf import bench as benchmark
 from hlwq_gguf import build, llama_tools, models, recipes
 
@@ -38,5 +39,5 @@ def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protoco
         benchmark.run_bench(source, out_dir, quick=quick, imatrix=imatrix, protocol=protocol,
                             llama_quants=_names(quants), hlwq_recipes=_names(hlwq), ctx=ctx, chunks=chunks,
                             rounds=rounds, threads=threads, reference_type=reference_type, log=click.echo)
-    except (benchmark.BenchError, llama_tools.ToolError, build.BuildError) as e:
+    except (benchmark.BenchError, llama_tools.ToolError, build.BuildError, ConversionError) as e:
         raise click.ClickException(str(e)) from None
