@@ -37,24 +37,29 @@ class QuantizeResult:
     log: str
 
 
+def _run_into(output: Path, command, suffix: str = "") -> str:
+    """Run the tool command(tmp) that writes a temporary file beside OUTPUT; rename it to OUTPUT only on success,
+    so a failed or interrupted run never leaves a partial output. Returns the tool's log."""
+    tmp = output.with_name(f".{output.name}.partial{suffix}")
+    try:
+        log = run_tool(command(tmp))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return log
+
+
 def llama_quantize(build: Build, source: Path, output: Path, ftype: str, imatrix: Path | None = None,
                    threads: int | None = None, pure: bool = False) -> QuantizeResult:
     """llama-quantize SOURCE into OUTPUT as FTYPE (Q5_K_M, HLWQ5, ...), atomically; reports fallbacks.
 
     pure: every matrix gets FTYPE's base type (llama-quantize --pure), no per-tensor mix.
     """
-    tmp = output.with_name(f".{output.name}.partial")
-    cmd = [build.tool("llama-quantize")]
-    if pure:
-        cmd.append("--pure")
+    options = ["--pure"] if pure else []
     if imatrix is not None:
-        cmd += ["--imatrix", imatrix]
-    cmd += [source, tmp, ftype, str(threads or default_threads())]
-    try:
-        log = run_tool(cmd)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+        options += ["--imatrix", imatrix]
+    log = _run_into(output, lambda tmp: [build.tool("llama-quantize"), *options, source, tmp, ftype,
+                                         str(threads or default_threads())])
     match = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", log)
     fallbacks, n_tensors = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
     return QuantizeResult(output, fallbacks, n_tensors, log)
@@ -109,16 +114,11 @@ def perplexity(build: Build, model: Path, text_file: Path, ctx: int = 512, chunk
 def imatrix(build: Build, model: Path, text_file: Path, output: Path, ctx: int = 512, chunks: int | None = None,
             threads: int | None = None) -> Path:
     """llama-imatrix of MODEL over TEXT_FILE into OUTPUT (written atomically)."""
-    tmp = output.with_name(f".{output.name}.partial{output.suffix}")
-    cmd = [build.tool("llama-imatrix"), "-m", model, "-f", text_file, "-c", str(ctx), "-o", tmp,
-           "-t", str(threads or default_threads()), "--no-ppl"]
-    if chunks:
-        cmd += ["--chunks", str(chunks)]
-    try:
-        run_tool(cmd)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    options = ["--chunks", str(chunks)] if chunks else []
+    # the temporary name keeps the .gguf suffix: llama-imatrix picks its output format from it
+    _run_into(output, lambda tmp: [build.tool("llama-imatrix"), "-m", model, "-f", text_file, "-c", str(ctx),
+                                   "-o", tmp, "-t", str(threads or default_threads()), "--no-ppl", *options],
+              suffix=output.suffix)
     return output
 
 

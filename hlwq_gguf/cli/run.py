@@ -31,7 +31,9 @@ def _model_options(command):
     return command
 
 
-def _open(model, n_ctx, vram, kv_type, overrides, threads, verbose):
+def _open(model, n_ctx, vram, kv_type, overrides, threads, verbose, temperature, top_k, top_p, min_p,
+          repeat_penalty, seed):
+    """The model and sampling settings that _model_options describe, with their errors as one-line messages."""
     try:
         llm = runtime.open_model(model, n_ctx=n_ctx, n_threads=threads, verbose=verbose, vram=vram, kv_type=kv_type,
                                  overrides=list(overrides) or None)
@@ -41,22 +43,16 @@ def _open(model, n_ctx, vram, kv_type, overrides, threads, verbose):
         raise click.ClickException(f"{model}: {e}") from None
     if llm.placement_plan is not None and verbose:
         click.echo(llm.placement_plan.table(), err=True)
-    return llm
-
-
-def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed) -> generate.Sampling:
-    return generate.Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    return llm, generate.Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
 
 
 @click.command(name="run")
 @_model_options
 @click.option("-p", "--prompt", required=True, help="The text to continue.")
 @click.option("-n", "--n-predict", type=int, default=256, show_default=True, help="Tokens to generate at most.")
-def run(model, n_ctx, vram, kv_type, overrides, threads, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-        verbose, prompt, n_predict) -> None:
+def run(prompt, n_predict, **model_options) -> None:
     """Continue PROMPT with MODEL, streaming the tokens as they come."""
-    llm = _open(model, n_ctx, vram, kv_type, overrides, threads, verbose)
-    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    llm, sampling = _open(**model_options)
     for piece in generate.stream_completion(llm, prompt, n_predict, sampling):
         click.echo(piece, nl=False)
     click.echo()
@@ -66,10 +62,9 @@ def run(model, n_ctx, vram, kv_type, overrides, threads, temperature, top_k, top
 @_model_options
 @click.option("-s", "--system", default=None, help="System message.")
 @click.option("-n", "--n-predict", type=int, default=1024, show_default=True, help="Tokens per reply at most.")
-def chat(model, n_ctx, vram, kv_type, overrides, threads, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-         verbose, system, n_predict) -> None:
+def chat(system, n_predict, **model_options) -> None:
     """Chat with MODEL using the chat template stored in the GGUF; one user turn per input line, /exit or EOF ends."""
-    llm = _open(model, n_ctx, vram, kv_type, overrides, threads, verbose)
+    llm, sampling = _open(**model_options)
     interactive = sys.stdin.isatty()
 
     def user_turns():
@@ -82,7 +77,6 @@ def chat(model, n_ctx, vram, kv_type, overrides, threads, temperature, top_k, to
             if line.strip():
                 yield line.rstrip("\n")
 
-    sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     turn = None
     for index, piece in generate.chat_session(llm, user_turns(), system, n_predict, sampling):
         if turn is not None and index != turn:
