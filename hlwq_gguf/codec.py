@@ -55,6 +55,7 @@ __all__ = [
     "SCALE_MODES",
     "FIT_STARTS",
     "TABLE_INT16_SCALE",
+    "int16_scale",
     "load_codebook",
     "codebook_midpoints",
     "codebook_int16",
@@ -127,8 +128,9 @@ FIT_CLIP_MARGIN = np.float32(1.1)
 FIT_ROUNDS = 2
 
 # Scale of the int16 codebook used by integer dot products: T[k] = rint(c[k] *
-# 4096).  max |c| is 4.34 (reference_A, 6 bits), so |T| <= 17790 fits int16,
-# and 128 products T * int8 stay below 2**31.
+# 4096).  The AVX2 kernels split |T| into two 7-bit bytes, so |T| < 2**14: the
+# one table that reaches |c| >= 4 (reference_A, 6 bits: 4.34) uses 2048
+# (:func:`int16_scale`).  128 products T * int8 stay below 2**31.
 TABLE_INT16_SCALE = 4096
 
 # Smallest scale used to normalise a block; it keeps 1/s finite for all-zero
@@ -183,15 +185,23 @@ def codebook_midpoints(bits: int, table: str = "converged") -> np.ndarray:
     return mids
 
 
+def int16_scale(bits: int, table: str = "converged") -> int:
+    """The scale of :func:`codebook_int16`: 4096, halved until max |T| < 2**14 (ggml's ggml_hlwq_get_codebook)."""
+    scale = TABLE_INT16_SCALE
+    while np.abs(load_codebook(bits, table)).max() * scale >= 2**14:
+        scale //= 2
+    return scale
+
+
 @functools.lru_cache(maxsize=None)
 def codebook_int16(bits: int, table: str = "converged") -> np.ndarray:
-    """Integer codebook ``T[k] = rint(c[k] * 4096)`` (int16) for integer dot products.
+    """Integer codebook ``T[k] = rint(c[k] * int16_scale)`` (int16) for integer dot products.
 
     c * 4096 is exact in fp32 and none of the shipped tables has a fractional
     part of exactly .5, so ``np.rint`` (half to even) and C ``roundf`` (half
     away from zero) give the same table.
     """
-    scaled = load_codebook(bits, table).astype(np.float64) * TABLE_INT16_SCALE
+    scaled = load_codebook(bits, table).astype(np.float64) * int16_scale(bits, table)
     table16 = np.rint(scaled).astype(np.int16)
     table16.setflags(write=False)
     return table16
@@ -497,14 +507,17 @@ class HLWQBlockType:
     bits: ClassVar[int]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    # the codebook the type decodes with: the _A/_B types carry the reference implementation's tables
+    table: ClassVar[str] = "converged"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.type_size = 2 + cls.block_size * cls.bits // 8
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray, table: str = "converged", scale_mode: str = "fit") -> np.ndarray:
+    def quantize_blocks(cls, blocks: np.ndarray, table: str | None = None, scale_mode: str = "fit") -> np.ndarray:
         """fp32 [n_blocks, QK] -> packed uint8 [n_blocks, type_size]."""
+        table = table or cls.table
         d, codes = quantize_blocks(blocks, cls.bits, cls.block_size, table, scale_mode)
         return cls.pack_blocks(d, codes)
 
@@ -522,13 +535,14 @@ class HLWQBlockType:
         return d, unpack_codes(packed[:, 2:], cls.bits, cls.block_size)
 
     @classmethod
-    def dequantize_blocks(cls, packed: np.ndarray, table: str = "converged") -> np.ndarray:
+    def dequantize_blocks(cls, packed: np.ndarray, table: str | None = None) -> np.ndarray:
         """Packed uint8 [n_blocks, type_size] -> fp32 [n_blocks, QK]."""
+        table = table or cls.table
         d, codes = cls.unpack_blocks(packed)
         return dequantize_blocks(d, codes, cls.bits, cls.block_size, table)
 
     @classmethod
-    def quantize(cls, data: np.ndarray, table: str = "converged", scale_mode: str = "fit") -> np.ndarray:
+    def quantize(cls, data: np.ndarray, table: str | None = None, scale_mode: str = "fit") -> np.ndarray:
         """Quantize an array whose last dim is a multiple of QK.
 
         Returns uint8 of shape (..., last_dim // QK * type_size), like
@@ -541,7 +555,7 @@ class HLWQBlockType:
         return packed.reshape(*data.shape[:-1], data.shape[-1] // cls.block_size * cls.type_size)
 
     @classmethod
-    def dequantize(cls, data: np.ndarray, table: str = "converged") -> np.ndarray:
+    def dequantize(cls, data: np.ndarray, table: str | None = None) -> np.ndarray:
         """Inverse of :meth:`quantize`: uint8 (..., n_blocks*type_size) -> fp32 (..., n_blocks*QK)."""
         data = np.asarray(data, dtype=np.uint8)
         if data.ndim == 0 or data.shape[-1] % cls.type_size:
@@ -582,17 +596,29 @@ class HLWQ6_64(HLWQBlockType):
     name, bits, block_size = "HLWQ6_64", 6, 64
 
 
-BLOCK_TYPES: dict[str, type[HLWQBlockType]] = {
-    cls.name: cls for cls in (HLWQ3, HLWQ4, HLWQ5, HLWQ6, HLWQ3_64, HLWQ4_64, HLWQ5_64, HLWQ6_64)
+def _reference_table_type(bits: int, table: str) -> type[HLWQBlockType]:
+    letter = table[-1]
+    return type(f"HLWQ{bits}_{letter}", (HLWQBlockType,),
+                {"name": f"HLWQ{bits}_{letter}", "bits": bits, "block_size": 128, "table": table,
+                 "__doc__": f"{bits}-bit HLWQ blocks decoded with the reference implementation's table {letter}"})
+
+
+# the reference implementation's tables: lossless import of its checkpoints (convert/polarquant.py)
+REFERENCE_TABLE_TYPES: dict[str, type[HLWQBlockType]] = {
+    t.name: t for t in (_reference_table_type(bits, table) for table in ("reference_A", "reference_B") for bits in SUPPORTED_BITS)
 }
 
+BLOCK_TYPES: dict[str, type[HLWQBlockType]] = {
+    cls.name: cls for cls in (HLWQ3, HLWQ4, HLWQ5, HLWQ6, HLWQ3_64, HLWQ4_64, HLWQ5_64, HLWQ6_64)
+} | REFERENCE_TABLE_TYPES
 
-def block_type(bits: int, block_size: int = 128) -> type[HLWQBlockType]:
-    """The HLWQ block type class for a bit width and block size."""
+
+def block_type(bits: int, block_size: int = 128, table: str = "converged") -> type[HLWQBlockType]:
+    """The HLWQ block type class for a bit width, block size and codebook table."""
     for cls in BLOCK_TYPES.values():
-        if cls.bits == bits and cls.block_size == block_size:
+        if cls.bits == bits and cls.block_size == block_size and cls.table == table:
             return cls
-    raise ValueError(f"no HLWQ type with {bits} bits and block size {block_size}")
+    raise ValueError(f"no HLWQ type with {bits} bits, block size {block_size} and table {table}")
 
 
 def quantize(
@@ -726,5 +752,5 @@ def vec_dot_reference(
     products = table16[codes].reshape(n_rows, n_blocks, block_size) * qs.astype(np.int32)[None]
     isum = products.sum(axis=-1, dtype=np.int32)
     per_block = d_w.astype(np.float32).reshape(n_rows, n_blocks) * d_x[None] * isum.astype(np.float32)
-    result = per_block.sum(axis=-1, dtype=np.float32) * np.float32(1.0 / (TABLE_INT16_SCALE * np.sqrt(block_size)))
+    result = per_block.sum(axis=-1, dtype=np.float32) * np.float32(1.0 / (int16_scale(bits, table) * np.sqrt(block_size)))
     return result[0] if single_row else result

@@ -18,6 +18,9 @@ from . import codec
 GGML_TYPE_IDS = {
     "HLWQ3": 100, "HLWQ4": 101, "HLWQ5": 102, "HLWQ6": 103,
     "HLWQ3_64": 104, "HLWQ4_64": 105, "HLWQ5_64": 106, "HLWQ6_64": 107,
+    # the reference implementation's codebooks A and B (lossless import)
+    "HLWQ3_A": 108, "HLWQ4_A": 109, "HLWQ5_A": 110, "HLWQ6_A": 111,
+    "HLWQ3_B": 112, "HLWQ4_B": 113, "HLWQ5_B": 114, "HLWQ6_B": 115,
     "Q8_HLWQ": 120, "Q8_HLWQ_64": 121,
 }
 # llama_ftype values of the HLWQ file types

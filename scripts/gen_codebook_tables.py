@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Print the C tables of the HLWQ codebooks for ggml-common.h.
 
+    python scripts/gen_codebook_tables.py                      # converged tables, 2-6 bits: hlwq_codebook_{bits}
+    python scripts/gen_codebook_tables.py reference_A a 3,4,5,6  # hlwq_codebook_a{bits} (lossless import types)
+
 The fp32 tables are emitted as hex-float literals (exact bit patterns); the int16
-tables used by the integer dot product are round(c * 4096), which keeps every
-converged table inside int16 with an absolute error of at most 2^-13.
+tables used by the integer dot product are round(c * scale) with the scale of
+hlwq_gguf.codec.int16_scale (4096 unless the table reaches |c| >= 4, as the
+reference's 6-bit table A does: then 2048), which keeps |t| < 2^14 for the SIMD split.
 """
 import json
 import struct
@@ -13,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 TABLES = Path(__file__).resolve().parents[1] / "hlwq_gguf" / "data" / "codebooks.json"
-I16_SCALE = 4096
 
 
 def _hex(v: np.float32) -> str:
@@ -21,19 +24,30 @@ def _hex(v: np.float32) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}"
 
 
-def main(table: str = "converged") -> None:
+def int16_scale(vals: np.ndarray) -> int:
+    scale = 4096
+    while np.abs(vals).max() * scale >= 2**14:
+        scale //= 2
+    return scale
+
+
+def main(table: str = "converged", suffix: str = "", bit_list: str = "2,3,4,5,6") -> None:
     data = json.loads(TABLES.read_text())["tables"]
-    for bits in (2, 3, 4, 5, 6):
+    for bits in (int(b) for b in bit_list.split(",")):
         hexes = data[str(bits)][table]["fp32_hex"]
         vals = np.array([struct.unpack(">f", bytes.fromhex(h))[0] for h in hexes], dtype=np.float32)
         n = len(vals)
-        print(f"GGML_TABLE_BEGIN(float, hlwq_codebook_{bits}, {n})")
+        name = f"{suffix}{bits}"
+        scale = int16_scale(vals)
+        print(f"GGML_TABLE_BEGIN(float, hlwq_codebook_{name}, {n})")
         for i in range(0, n, 4):
             print("    " + " ".join(f"{_hex(v)}f," for v in vals[i:i + 4]))
         print("GGML_TABLE_END()\n")
-        i16 = np.rint(vals.astype(np.float64) * I16_SCALE).astype(np.int64)
+        i16 = np.rint(vals.astype(np.float64) * scale).astype(np.int64)
         assert np.all(np.abs(i16) < 2**14), "int16 table must fit the 7-bit split used by the SIMD dot"
-        print(f"GGML_TABLE_BEGIN(int16_t, hlwq_codebook_i16_{bits}, {n})")
+        if scale != 4096:
+            print(f"// int16 scale {scale}: this table reaches |c| >= 4")
+        print(f"GGML_TABLE_BEGIN(int16_t, hlwq_codebook_i16_{name}, {n})")
         for i in range(0, n, 8):
             print("    " + " ".join(f"{int(v)}," for v in i16[i:i + 8]))
         print("GGML_TABLE_END()\n")
@@ -47,7 +61,7 @@ def main(table: str = "converged") -> None:
         magnitude[:half] = -i16[:half]
         assert magnitude.max() < 128 * 128
         for part, values in (("lo", magnitude & 127), ("hi", magnitude >> 7)):
-            print(f"GGML_TABLE_BEGIN(uint8_t, hlwq_codebook_mag{part}_{bits}, {len(values)})")
+            print(f"GGML_TABLE_BEGIN(uint8_t, hlwq_codebook_mag{part}_{name}, {len(values)})")
             for i in range(0, len(values), 16):
                 print("    " + " ".join(f"{int(v)}," for v in values[i:i + 16]))
             print("GGML_TABLE_END()\n")

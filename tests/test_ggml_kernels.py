@@ -59,7 +59,8 @@ def test_vec_dot_is_the_rotated_integer_dot(ggml, name):
     if block_type.block_size == 128:
         assert np.array_equal(x_q, codec.Q8HLWQ.quantize(x).reshape(-1))
     c_dots = np.array([ggml.vec_dot(name, row, x_q, cols) for row in weights])
-    model_dots = np.array([codec.vec_dot_reference(row, x, block_type.bits, block_type.block_size) for row in weights]) \
+    model_dots = np.array([codec.vec_dot_reference(row, x, block_type.bits, block_type.block_size, block_type.table)
+                           for row in weights]) \
         if block_type.block_size == 128 else None
     if model_dots is not None:
         assert np.abs(c_dots - model_dots).max() <= 1e-5 * np.abs(model_dots).max()
