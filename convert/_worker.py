@@ -123,6 +123,142 @@ def _with_progress(writer, stats: dict, enabled: bool):
     return write_tensors_to_file
 
 
+class _CodedSource:
+    """The coded weights behind one lazy source tensor (one matrix, or an expert stack), as llama.cpp's model
+    classes see it: the exact reference dequantization. While it is computed the block hashes are kept, so that
+    every block that reaches an output tensor unchanged can be found and its codes copied (see _repack)."""
+
+    def __init__(self, weights):
+        self.weights = weights if isinstance(weights, list) else [weights]
+        self.stacked = isinstance(weights, list)
+        self.hashes = None
+        self._packed = None
+
+    @property
+    def shape(self):
+        rows, cols = self.weights[0].shape
+        return (len(self.weights), rows, cols) if self.stacked else (rows, cols)
+
+    def dequantize(self):
+        import numpy as np
+
+        values = np.stack([w.dequantize() for w in self.weights]) if self.stacked else self.weights[0].dequantize()
+        if values.shape[-1] % 128 == 0:
+            self.hashes = _block_hashes(values.reshape(-1, 128))
+        return values
+
+    def packed(self):
+        import numpy as np
+
+        if self._packed is None:
+            self._packed = np.concatenate([w.packed_blocks() for w in self.weights])
+        return self._packed
+
+    def release(self) -> None:
+        self.hashes = self._packed = None
+
+
+def _block_hashes(blocks):
+    """A 64-bit hash of the fp32 bytes of each block (matches are verified value by value afterwards)."""
+    import numpy as np
+
+    multipliers = np.random.default_rng(0x484C5751).integers(1, 2**63, size=blocks.shape[1], dtype=np.uint64) | np.uint64(1)
+    words = np.ascontiguousarray(blocks, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return (words * multipliers).sum(axis=1, dtype=np.uint64)
+
+
+def _sources_of(tensor) -> list:
+    """The _CodedSource objects at the leaves of a lazy tensor's graph (what this output tensor is made of)."""
+    found, seen, stack = [], set(), [tensor]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, _CodedSource):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "_args"):
+            stack.extend(item._args or ())
+            stack.extend((item._kwargs or {}).values())
+    return found
+
+
+def _repack(array, sources, block_type, ggml, threads: int, report: dict):
+    """Copy the codes of every 128-block of `array` that is a block of a source, bit for bit; encode any other
+    block with the same type's quantizer and record the error that adds."""
+    import numpy as np
+
+    from hlwq_gguf import codec
+
+    blocks = np.ascontiguousarray(array, dtype=np.float32).reshape(-1, 128)
+    out = np.zeros((blocks.shape[0], block_type.type_size), dtype=np.uint8)
+    matched = np.zeros(blocks.shape[0], dtype=bool)
+    usable = [s for s in sources if s.hashes is not None]
+    if usable:
+        source_hashes = np.concatenate([s.hashes for s in usable])
+        owner = np.concatenate([np.full(s.hashes.size, i) for i, s in enumerate(usable)])
+        local = np.concatenate([np.arange(s.hashes.size) for s in usable])
+        order = np.argsort(source_hashes, kind="stable")
+        wanted = _block_hashes(blocks)
+        pos = np.minimum(np.searchsorted(source_hashes[order], wanted), order.size - 1)
+        hit = source_hashes[order][pos] == wanted
+        for i, source in enumerate(usable):
+            rows = np.flatnonzero(hit & (owner[order][pos] == i))
+            if rows.size:
+                candidate = source.packed()[local[order][pos][rows]]
+                exact = np.all(block_type.dequantize_blocks(candidate) == blocks[rows], axis=1)
+                out[rows[exact]] = candidate[exact]
+                matched[rows[exact]] = True
+    missing = np.flatnonzero(~matched)
+    added = 0.0
+    if missing.size:
+        out[missing] = ggml.quantize(block_type.name, blocks[missing], threads).reshape(missing.size, -1)
+        error = block_type.dequantize_blocks(out[missing]) - blocks[missing]
+        added = float(np.sqrt(np.sum(error.astype(np.float64) ** 2) / max(np.sum(blocks.astype(np.float64) ** 2), 1e-30)))
+    report.update(blocks=int(blocks.shape[0]), copied=int(matched.sum()), added_rel_rms=added)
+    return out.reshape(*array.shape[:-1], -1)
+
+
+def _importing(model_class, imported, lazy_tensor_cls):
+    """`model_class` reading the imported checkpoint: coded weights as their exact dequantization (lazily)."""
+    import numpy as np
+    import torch
+
+    def coded_leaf(weights):
+        source = _CodedSource(weights)
+        meta = lazy_tensor_cls.meta_with_dtype_and_shape(torch.float32, source.shape)
+        return lazy_tensor_cls(meta=meta, args=(source,), func=lambda s: torch.from_numpy(np.ascontiguousarray(s.dequantize())))
+
+    def plain_leaf(plain):
+        dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(plain.dtype)
+        if dtype is None:
+            return lazy_tensor_cls.from_eager(torch.from_numpy(np.array(plain.file.array(plain.key))))
+        meta = lazy_tensor_cls.meta_with_dtype_and_shape(dtype, plain.shape)
+
+        def load(p):
+            raw = np.array(p.file.array(p.key))
+            return torch.from_numpy(raw.view(np.int16) if p.dtype == "BF16" else raw).view(dtype)
+        return lazy_tensor_cls(meta=meta, args=(plain,), func=load)
+
+    class ImportedModel(model_class):
+        model_arch = model_class.model_arch
+
+        def index_tensors(self, remote_hf_model_id=None):
+            tensors = {}
+            entries = [(n, (lambda w=w: coded_leaf(w))) for n, w in imported.coded.items()]
+            entries += [(n, (lambda p=p: plain_leaf(p))) for n, p in imported.plain.items()]
+            for name, gen in entries:
+                if item := self.filter_tensors((name, gen)):
+                    tensors[item[0]] = item[1]
+            return tensors
+
+    ImportedModel.__name__ = model_class.__name__
+    return ImportedModel
+
+
 def main() -> None:
     global _ERROR_FILE
     args = json.loads(sys.argv[1])
@@ -137,6 +273,8 @@ def main() -> None:
     import torch
     import gguf
 
+    from convert import polarquant
+    from convert.source import ConversionError
     from hlwq_gguf import codec, gguf_types, recipes
 
     gguf_types.register(gguf)
@@ -148,8 +286,14 @@ def main() -> None:
 
     recipe = recipes.RECIPES[args["recipe"]]
     dir_model = Path(args["model_dir"])
+    imported = None
+    if args.get("import_format"):
+        try:
+            imported = polarquant.load(dir_model, args.get("codebook"))
+        except ConversionError as e:
+            _fail(str(e))
     out_tmp = Path(args["out_tmp"])
-    stats = {"weights": 0, "seconds": 0.0, "types": {}}
+    stats = {"weights": 0, "seconds": 0.0, "types": {}, "import": []}
 
     hparams = upstream.ModelBase.load_hparams(dir_model, False)
     architecture = upstream.get_model_architecture(hparams, upstream.ModelType.TEXT)
@@ -157,6 +301,11 @@ def main() -> None:
         model_class = upstream.get_model_class(architecture, mmproj=False)
     except NotImplementedError:
         _fail(f"{dir_model / 'config.json'}: architecture {architecture} is not supported by the pinned llama.cpp converter")
+
+    if imported is not None:
+        from conversion.base import LazyTorchTensor
+
+        model_class = _importing(model_class, imported, LazyTorchTensor)
 
     with torch.inference_mode():
         model = model_class(dir_model, gguf.LlamaFileType.ALL_F32, out_tmp, is_big_endian=False,
@@ -186,10 +335,34 @@ def main() -> None:
 
         original_add_tensor = writer.add_tensor
 
+        def import_type(name, tensor):
+            """(type, sources) for a tensor of an imported checkpoint: its codes' own type when every block can come
+            from the checkpoint unchanged; otherwise the recipe's type (or the source dtype with --keep-unquantized)."""
+            sources = _sources_of(tensor)
+            shape = tuple(tensor.shape)
+            if sources:
+                kinds = {(w.bits, w.table, w.in_features % 128 == 0) for s in sources for w in s.weights}
+                if len(kinds) == 1 and next(iter(kinds))[2] and shape[-1] % 128 == 0 and \
+                        shape[-1] == sources[0].weights[0].in_features:
+                    bits, table, _ = kinds.pop()
+                    return codec.block_type(bits, 128, table).name.lower(), sources
+                reason = "padded rows" if not all(w.in_features % 128 == 0 for s in sources for w in s.weights) else \
+                    "mixed bits" if len(kinds) > 1 else "rows re-laid by the model's converter"
+                entry = {"name": name, "copied": 0, "blocks": 0, "added_rel_rms": 0.0, "reason": reason}
+                stats["import"].append(entry)
+                return recipes.tensor_type(recipe, name, shape, tied_embeddings=tied) or "f16", entry
+            if args.get("keep_unquantized") and len(shape) >= 2:
+                return "bf16", None
+            return recipes.tensor_type(recipe, name, shape, tied_embeddings=tied), None
+
         def add_tensor(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
             type_name = None
+            origin = None
             if raw_dtype == gguf.GGMLQuantizationType.F32 and not isinstance(tensor, gguf.LazyChunkedTensor):
-                type_name = recipes.tensor_type(recipe, name, tuple(tensor.shape), tied_embeddings=tied)
+                if imported is not None:
+                    type_name, origin = import_type(name, tensor)
+                else:
+                    type_name = recipes.tensor_type(recipe, name, tuple(tensor.shape), tied_embeddings=tied)
             if type_name is None:
                 if raw_dtype == gguf.GGMLQuantizationType.F32 and not isinstance(tensor, gguf.LazyChunkedTensor):
                     check = checked_quantize(name, gguf.GGMLQuantizationType.F32, None)
@@ -201,6 +374,29 @@ def main() -> None:
             stats["types"][type_name] = stats["types"].get(type_name, 0) + 1
             block_type = codec.BLOCK_TYPES.get(type_name.upper())
             quantize = checked_quantize(name, qtype, block_type)
+            if isinstance(origin, list):  # codes of an imported checkpoint: copied, not re-quantized
+                entry = {"name": name, "type": type_name, "reason": None}
+                stats["import"].append(entry)
+
+                def quantize(array, sources=origin, block_type=block_type, entry=entry):
+                    started = time.perf_counter()
+                    try:
+                        return _repack(array, sources, block_type, ggml, threads, entry)
+                    finally:
+                        for source in sources:
+                            source.release()
+                        stats["seconds"] += time.perf_counter() - started
+                        stats["weights"] += int(np.size(array))
+            elif isinstance(origin, dict):  # re-encoded from the exact dequantization: measure what that adds
+                origin["type"] = type_name
+                encode = quantize
+
+                def quantize(array, encode=encode, entry=origin, qtype=qtype):
+                    out = encode(array)
+                    entry["blocks"] = int(np.size(array) // gguf.GGML_QUANT_SIZES[qtype][0])
+                    error = gguf.quants.dequantize(out, qtype).reshape(array.shape) - array
+                    entry["added_rel_rms"] = float(np.sqrt(np.sum(error.astype(np.float64) ** 2) / max(np.sum(np.asarray(array, np.float64) ** 2), 1e-30)))
+                    return out
             if isinstance(tensor, gguf.LazyNumpyTensor):
                 block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
                 tensor = gguf.LazyNumpyTensor._wrap_fn(
@@ -216,6 +412,10 @@ def main() -> None:
         for key, value in gguf_types.codebook_metadata().items():
             (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
         writer.add_string("hlwq.recipe", recipe.name)
+        if imported is not None:
+            # the _A/_B types name their table; these say where the codes came from
+            writer.add_string("hlwq.import.format", imported.format)
+            writer.add_string("hlwq.import.codebook", polarquant.TABLE_LETTERS[imported.table_letter])
 
         started = time.time()
         try:
@@ -223,6 +423,8 @@ def main() -> None:
                 model.write()
         except codec.HLWQValueError as e:
             _fail(f"{dir_model}: {e}")
+        except ConversionError as e:  # a checkpoint problem found while its tensors are read
+            _fail(str(e))
         elapsed = time.time() - started
 
     stats["wall_seconds"] = elapsed

@@ -13,6 +13,7 @@ from pathlib import Path
 from hlwq_gguf import build as builder
 from hlwq_gguf import recipes, upstream
 
+from . import polarquant
 from .source import ConversionError, load_checkpoint, resolve
 
 
@@ -27,6 +28,10 @@ class ConversionReport:
     tensor_types: dict[str, int] = field(default_factory=dict)
     # peak anonymous memory of the converting process (RssAnon: not the checkpoint's mmapped file pages)
     peak_anon_bytes: int = 0
+    # imported code checkpoints: the layout read, and per coded tensor how many blocks were copied bit for bit
+    # and the relative RMS error that re-encoding the others added (0 when all were copied)
+    import_format: str | None = None
+    imported_tensors: list[dict] = field(default_factory=list)
 
     @property
     def mweights_per_second(self) -> float:
@@ -34,20 +39,29 @@ class ConversionReport:
 
 
 def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
-                       verbose: bool = False, threads: int | None = None) -> ConversionReport:
+                       verbose: bool = False, threads: int | None = None, codebook: str | None = None,
+                       keep_unquantized: bool = False) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
     are written, one at a time, so memory stays bounded by the largest tensor. The output appears atomically:
     it is written to a temporary file beside `output` and renamed only on success.
+
+    A PolarQuant/HLWQ code checkpoint (convert/polarquant.py) is imported without re-quantizing: its codes and
+    norms are copied into the HLWQ types of its codebook (`codebook` A or B for layouts that store no table;
+    ignored otherwise), and the tensors it keeps unquantized follow `recipe` or, with `keep_unquantized`, stay BF16.
     """
     if recipe not in recipes.RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
     output = Path(output).expanduser().resolve()
     if not output.parent.is_dir():
         raise ConversionError(f"{output.parent}: output folder does not exist")
-    model_dir = resolve(source)
+    model_dir = polarquant.code_folder(resolve(source))
+    polarquant.refuse_codeless(model_dir)
+    import_format = polarquant.detect(model_dir) if (model_dir / "config.json").is_file() else None
     checkpoint = load_checkpoint(model_dir)
+    if import_format:
+        polarquant.load(model_dir, codebook)  # every layout and shape problem surfaces here, before any output
     if not checkpoint.architectures:
         raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
     tree = upstream.patched_tree()
@@ -61,7 +75,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
     hub_id = None if Path(str(source)).expanduser().is_dir() else str(source)
     args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
             "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
-            "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads}
+            "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads, "import_format": import_format,
+            "codebook": codebook, "keep_unquantized": keep_unquantized}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
@@ -90,4 +105,5 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=stats["wall_seconds"], tensor_types=stats["types"],
-                            peak_anon_bytes=stats["peak_anon_bytes"])
+                            peak_anon_bytes=stats["peak_anon_bytes"], import_format=import_format,
+                            imported_tensors=stats.get("import", []))

@@ -392,5 +392,16 @@ def _stack_experts(coded: dict[str, CodedWeight]) -> dict[str, CodedWeight | lis
     return result
 
 
-def pickles_in(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+def code_folder(path: Path) -> Path:
+    """PQ-Multi releases keep each bit width in a subfolder (PQ3/, PQ5/ ...): pick it when it is the only one."""
+    if (path / "codes.safetensors").is_file() or any(path.glob("*.safetensors")):
+        return path
+    candidates = sorted(p.parent for p in path.glob("*/codes.safetensors"))
+    if len(candidates) > 1:
+        raise ConversionError(f"{path}: holds several code sets ({', '.join(c.name for c in candidates)}); give one of those folders")
+    if candidates:
+        folder = candidates[0]
+        if not (folder / "config.json").is_file():
+            raise ConversionError(f"{folder}: no config.json (copy the model's config.json beside codes.safetensors)")
+        return folder
+    return path

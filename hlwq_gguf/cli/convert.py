@@ -15,14 +15,28 @@ from hlwq_gguf import recipes, upstream
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show llama.cpp's converter log.")
 @click.option("-t", "--threads", type=int, default=None, help="Quantizer threads (default: all cores); the output is the same.")
-def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None) -> None:
-    """Convert SOURCE (a checkpoint folder or Hugging Face hub id) to OUTPUT (.gguf)."""
+@click.option("--codebook", type=click.Choice(["A", "B"], case_sensitive=False), default=None,
+              help="PolarQuant/HLWQ code checkpoints that store no table (PQ-Multi, hlwq-q*): the reference table their "
+                   "codes index. Default: A for hlwq-q*, B for PQ-Multi (what the reference's own tools use).")
+@click.option("--keep-unquantized", is_flag=True,
+              help="Code checkpoints: keep the tensors the checkpoint left unquantized in BF16 instead of applying --type.")
+def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None,
+            codebook: str | None, keep_unquantized: bool) -> None:
+    """Convert SOURCE (a checkpoint folder or Hugging Face hub id) to OUTPUT (.gguf).
+
+    A BF16/F16 checkpoint is quantized; a PolarQuant/HLWQ code checkpoint is imported with its codes copied bit for bit.
+    """
     try:
         report = convert_checkpoint(source, output, recipe=recipe.lower(), quiet=quiet, verbose=verbose,
-                                    threads=threads)
+                                    threads=threads, codebook=codebook, keep_unquantized=keep_unquantized)
     except (ConversionError, upstream.UpstreamError) as e:
         raise click.ClickException(str(e)) from None
-    types = ", ".join(f"{n} x{c}" for n, c in sorted(report.tensor_types.items()))
-    click.echo(f"{report.output}: {report.bytes / 2**20:.1f} MiB, recipe {report.recipe} ({types}); "
-               f"quantized {report.weights_quantized / 1e6:.1f} M weights at {report.mweights_per_second:.1f} M weights/s, "
-               f"{report.wall_seconds:.1f} s in all, peak memory {report.peak_anon_bytes / 2**20:.0f} MiB")
+    if report.import_format:
+        copied = [t for t in report.imported_tensors if t["reason"] is None]
+        blocks = sum(t["copied"] for t in copied)
+        click.echo(f"imported {report.import_format} codes: {len(copied)} tensors with all {blocks} blocks copied bit for bit, "
+                   f"{len(report.imported_tensors) - len(copied)} re-encoded")
+        for entry in report.imported_tensors:
+            if entry["reason"] is not None or entry["copied"] < entry["blocks"]:
+                click.echo(f"  {entry['name']}: {entry['blocks'] - entry['copied']} blocks encoded as {entry['type']} "
+                           f"({entry['reason'] or 'changed by the model converter'}), added relative RMS error {entry['added_rel_rms']:.2e}")
