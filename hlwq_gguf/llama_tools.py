@@ -95,7 +95,7 @@ def _parse_quality(log: str) -> Quality:
 
 def perplexity(build: Build, model: Path, text_file: Path, ctx: int = 512, chunks: int | None = None,
                kld_base: Path | None = None, save_kld_base: Path | None = None, threads: int | None = None,
-               batch: int | None = None, extra: list[str] | None = None) -> Quality:
+               batch: int | None = None, extra: list[str] | None = None, env: dict | None = None) -> Quality:
     """Perplexity of MODEL on TEXT_FILE; with `kld_base` also the KL-divergence against saved base logits."""
     cmd = [build.tool("llama-perplexity"), "-m", model, "-f", text_file, "-c", str(ctx), "-t", str(threads or default_threads()),
            "--no-warmup"]
@@ -108,7 +108,7 @@ def perplexity(build: Build, model: Path, text_file: Path, ctx: int = 512, chunk
     if kld_base is not None:
         cmd += ["--kl-divergence-base", kld_base, "--kl-divergence"]
     cmd += extra or []
-    return _parse_quality(run_tool(cmd))
+    return _parse_quality(run_tool(cmd, env=env))
 
 
 def imatrix(build: Build, model: Path, text_file: Path, output: Path, ctx: int = 512, chunks: int | None = None,
@@ -123,14 +123,14 @@ def imatrix(build: Build, model: Path, text_file: Path, output: Path, ctx: int =
 
 
 def bench(build: Build, models: list[Path], n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3,
-          threads: int | None = None, extra: list[str] | None = None) -> list[dict]:
+          threads: int | None = None, extra: list[str] | None = None, env: dict | None = None) -> list[dict]:
     """llama-bench rows (JSON) for pp`n_prompt` and tg`n_gen` of each model."""
     cmd = [build.tool("llama-bench"), "-o", "json", "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
            "-t", str(threads or default_threads())]
     for model in models:
         cmd += ["-m", model]
     cmd += extra or []
-    out = run_tool(cmd)
+    out = run_tool(cmd, env=env)
     start = out.index("[")
     return json.loads(out[start:out.rindex("]") + 1])
 

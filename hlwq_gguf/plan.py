@@ -19,7 +19,8 @@ the compute buffer is an estimate (the largest of the logits, attention and FFN 
 checked to bound llama.cpp's CPU compute buffer from above. Recurrent state (Mamba / DeltaNet layers) is not
 sized: hybrid models get a plan for their attention layers only, and the plan says so.
 
-HLWQ KV-cache types do not exist in llama.cpp yet, so only llama.cpp's own KV types are accepted (KV_TYPES).
+KV types: llama.cpp's own and the HLWQ cache types (KV_TYPES); `hlwq3`/`hlwq4` are the ggml types
+hlwq3_64/hlwq4_64, whose 64-value blocks fit every head size that is a multiple of 64.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 KV_TYPES: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
     "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24),
+    "hlwq3": (64, 26), "hlwq4": (64, 34), "hlwq3_64": (64, 26), "hlwq4_64": (64, 34),
 }
+# the short names of the HLWQ cache types -> their ggml type names
+KV_TYPE_ALIASES = {"hlwq3": "hlwq3_64", "hlwq4": "hlwq4_64"}
 DEFAULT_UBATCH = 512          # llama.cpp's default n_ubatch: the compute buffer is reserved for this many tokens
 CTX_PAD = 256                 # llama_context pads n_ctx (and each SWA cache) to a multiple of 256 cells
 DEFAULT_RESERVE = 512 * 2**20  # CUDA context, cuBLAS workspace and allocator slack that llama.cpp does not count
@@ -236,8 +240,7 @@ def read_layout(path: str | Path) -> ModelLayout:
 
 def _kv_type(name: str, path: Path) -> tuple[int, int]:
     if name.lower() not in KV_TYPES:
-        hint = " (HLWQ KV-cache types are not implemented in llama.cpp yet)" if name.lower().startswith("hlwq") else ""
-        raise PlanError(f"{path}: KV type {name!r} is not one llama.cpp knows{hint}; use one of {', '.join(KV_TYPES)}")
+        raise PlanError(f"{path}: KV type {name!r} is not one llama.cpp knows; use one of {', '.join(KV_TYPES)}")
     return KV_TYPES[name.lower()]
 
 

@@ -169,11 +169,12 @@ def _model_params_with(overrides: TensorOverrides | None):
 
 
 def ggml_type_id(name: str) -> int:
-    """KV-cache type name as llama.cpp spells it (f16, q8_0, ...) -> ggml type id."""
+    """KV-cache type name as llama.cpp spells it (f16, q8_0, hlwq3_64, ...; hlwq3/hlwq4 for short) -> ggml type id."""
     from . import gguf_types, plan
 
     if name.lower() not in plan.KV_TYPES:
         raise OverrideError(f"KV type {name!r} is not one llama.cpp knows; use one of {', '.join(plan.KV_TYPES)}")
+    name = plan.KV_TYPE_ALIASES.get(name.lower(), name)
     return int(gguf_types.register().GGMLQuantizationType[name.upper()])
 
 

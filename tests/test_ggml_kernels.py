@@ -110,11 +110,12 @@ def test_quantize_fns(llama_build):
 
 
 def test_backend_ops_cpu(llama_build):
-    """test-backend-ops on the CPU backend for every op it instantiates with an HLWQ type."""
+    """test-backend-ops on the CPU backend for every op it instantiates with an HLWQ type; FLASH_ATTN_EXT with the
+    HLWQ KV-cache types at head sizes 64, 128, 256, 512 and 576/512 (MLA, V a view of K)."""
     result = subprocess.run([str(llama_build.tool("test-backend-ops")), "-b", "CPU", "-p", "hlwq"],
                             capture_output=True, text=True, timeout=1200)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    for op in ("MUL_MAT(", "MUL_MAT_ID(", "GET_ROWS(", "SET_ROWS(", "CPY("):
+    for op in ("MUL_MAT(", "MUL_MAT_ID(", "GET_ROWS(", "SET_ROWS(", "CPY(", "FLASH_ATTN_EXT("):
         assert any(op in line and "hlwq" in line and "OK" in line for line in out.splitlines()), f"no passing {op} hlwq test"
     assert "FAIL" not in out

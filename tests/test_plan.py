@@ -86,7 +86,7 @@ def test_layout_classifies_experts(moe):
     assert all(b > 0 for b in experts.values())
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "hlwq3"])
 def test_kv_and_compute_sizes_match_llama_cpp(llama_build, moe, kv_type, capfd):
     """The planner's KV bytes equal what llama.cpp allocates (SWA and MLA caches included); its compute-buffer
     estimate is an upper bound of llama.cpp's CPU compute buffer, within 50%."""
@@ -150,8 +150,8 @@ def test_plan_cases(moe, kv):
 
 
 def test_plan_rejects_unknown_kv_type(moe):
-    with pytest.raises(planner.PlanError, match="not implemented in llama.cpp yet"):
-        planner.make_plan(moe.layout, "24GiB", 4096, "hlwq3")
+    with pytest.raises(planner.PlanError, match="KV type 'q3_k' is not one llama.cpp knows"):
+        planner.make_plan(moe.layout, "24GiB", 4096, "q3_k")
 
 
 def test_cli_plan(moe):

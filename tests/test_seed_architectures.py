@@ -137,3 +137,20 @@ def test_kl_divergence_bound(llama_build, seed, tmp_path):
           f"(top {legacy.same_top_p}%)")
     assert hlwq.kld_mean is not None and legacy.kld_mean is not None
     assert hlwq.kld_mean <= 1.1 * legacy.kld_mean, (hlwq, legacy)
+
+
+def test_hlwq_kv_cache_on_every_family(llama_build, seed, tmp_path):
+    """The HLWQ KV-cache types run on every family with flash attention: head sizes 256 and 512 (Gemma 4), the
+    576-wide MLA K rows with V a view of K (GLM-4.7-Flash), Qwen3.5's attention layers beside its DeltaNet state.
+    Against the same model's f16 cache their KLD is finite and at most a few times q4_0's (4.5 bits per value)."""
+    text = textdata.measurement_text_file()
+    base = tmp_path / "f16.kld"
+    llama_tools.perplexity(llama_build, seed.hlwq5, text, ctx=256, chunks=2, save_kld_base=base, extra=["-fa", "on"])
+    kld = {}
+    for cache in ("q4_0", "hlwq4_64", "hlwq3_64"):
+        q = llama_tools.perplexity(llama_build, seed.hlwq5, text, ctx=256, chunks=2, kld_base=base,
+                                   extra=["-fa", "on", "-ctk", cache, "-ctv", cache])
+        assert q.kld_mean is not None and q.ppl == q.ppl, (seed.family, cache, q)
+        kld[cache] = q.kld_mean
+    print(f"{seed.family}: KV KLD vs f16 cache {kld}")
+    assert kld["hlwq4_64"] <= 2 * kld["q4_0"] + 1e-4 and kld["hlwq3_64"] <= 6 * kld["q4_0"] + 1e-4, kld

@@ -7,7 +7,7 @@ import click
 
 from convert.source import ConversionError
 from hlwq_gguf import bench as benchmark
-from hlwq_gguf import build, llama_tools, models, recipes
+from hlwq_gguf import build, kvbench, llama_tools, models, recipes
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -31,10 +31,19 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 @click.option("-t", "--threads", type=int, help="Threads for every tool (default: all cores).")
 @click.option("--reference-type", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="Type of the full-precision reference GGUF built from a checkpoint.")
+@click.option("--kv", is_flag=True, help="Compare KV-cache types instead of weight types (ctx default 2048, 4 chunks).")
+@click.option("--kv-types", help=f"KV variants for --kv, comma-separated (default: {','.join(kvbench.KV_VARIANTS)}).")
 def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protocol: str, quants: str | None,
           hlwq: str | None, ctx: int | None, chunks: int | None, rounds: int | None, threads: int | None,
-          reference_type: str) -> None:
+          reference_type: str, kv: bool, kv_types: str | None) -> None:
     """Benchmark SOURCE: a model name (smollm2-135m, gemma3-270m), an HF folder or hub id, or an F16/BF16/F32 GGUF."""
+    if kv:
+        try:
+            kvbench.run_kv_bench(source, out_dir, variants=_names(kv_types), ctx=ctx or 2048, chunks=chunks or 4,
+                                 rounds=rounds or 3, threads=threads, log=click.echo)
+        except (ValueError, benchmark.BenchError, llama_tools.ToolError, build.BuildError, ConversionError) as e:
+            raise click.ClickException(str(e)) from None
+        return
     try:
         benchmark.run_bench(source, out_dir, quick=quick, imatrix=imatrix, protocol=protocol,
                             llama_quants=_names(quants), hlwq_recipes=_names(hlwq), ctx=ctx, chunks=chunks,

@@ -1,0 +1,213 @@
+"""`hlwq-gguf bench --kv`: KV-cache types head to head on one model, one text, one run.
+
+For each cache type (llama.cpp's f16, q8_0, q5_0, q4_0, iq4_nl, all with llama.cpp's graph rotation as users get
+them, and the HLWQ types) llama-perplexity runs with flash attention at a context of `ctx` tokens: PPL, and the
+KL-divergence against the f16-cache run of the same weights. llama-bench measures pp/tg with flash attention at a
+cache depth of `depth` tokens. The HLWQ types rotate each 64-value block themselves and opt out of llama.cpp's
+graph rotation; `hlwq3+rot` / `hlwq4+rot` keep the graph rotation on top (LLAMA_ATTN_ROT_HLWQ=1), which is how the
+choice was measured. Also: bits per value and KV bytes per token of each type, and the longest context a 4 GiB
+cache holds for the seed models' attention shapes (from their config.json).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import build as builder
+from . import llama_tools, plan, textdata
+
+# name -> (ggml cache type, extra environment)
+KV_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "f16": ("f16", {}), "q8_0": ("q8_0", {}), "q5_0": ("q5_0", {}), "q4_0": ("q4_0", {}), "iq4_nl": ("iq4_nl", {}),
+    "hlwq4": ("hlwq4_64", {}), "hlwq3": ("hlwq3_64", {}),
+    "hlwq4+rot": ("hlwq4_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}), "hlwq3+rot": ("hlwq3_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
+}
+SEED_CONFIGS = {"Qwen3.5-27B": "Qwen__Qwen3.5-27B.json", "Gemma-4-31B": "google__gemma-4-31B-it.json"}
+CACHE_BUDGET = 4 * 2**30
+
+
+@dataclass
+class KVResult:
+    name: str
+    cache_type: str
+    bits_per_value: float
+    bytes_per_token: float | None = None
+    ppl: float | None = None
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    same_top_p: float | None = None
+    pp: float | None = None
+    tg: float | None = None
+    pp_vs_f16: float | None = None
+    tg_vs_f16: float | None = None
+
+
+@dataclass
+class KVBenchResult:
+    model: str
+    weights: str
+    ctx: int
+    chunks: int
+    depth: int
+    text: str
+    results: list[KVResult]
+    max_context_4gib: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def bits_per_value(cache_type: str) -> float:
+    block, size = plan.KV_TYPES[cache_type]
+    return size * 8 / block
+
+
+def seed_max_context(config_dir: Path, budget: int = CACHE_BUDGET) -> dict[str, dict[str, int]]:
+    """Longest context whose K+V cache fits `budget` bytes, per seed model and cache type.
+
+    Qwen3.5-27B: only its 16 full-attention layers cache tokens (the 48 DeltaNet layers keep a fixed-size state,
+    not counted). Gemma-4-31B: 50 sliding layers hold at most sliding_window + 512 (one ubatch) cells, the 10
+    global layers (head 512) hold the whole context; K and V are both counted.
+    """
+    table: dict[str, dict[str, int]] = {}
+    for model, file in SEED_CONFIGS.items():
+        path = config_dir / file
+        if not path.is_file():
+            continue
+        text = json.loads(path.read_text())
+        text = text.get("text_config", text)
+        kinds = text.get("layer_types") or ["full_attention"] * text["num_hidden_layers"]
+        head, kv_heads = text.get("head_dim"), text["num_key_value_heads"]
+        global_head = text.get("global_head_dim") or head
+        global_kv = text.get("num_global_key_value_heads") or kv_heads
+        window = text.get("sliding_window") or 0
+        full_values = kinds.count("full_attention") * 2 * global_kv * global_head
+        swa_values = kinds.count("sliding_attention") * 2 * kv_heads * head
+        row = {}
+        for name, (cache_type, _) in KV_VARIANTS.items():
+            if "+" in name:
+                continue
+            bytes_per_value = bits_per_value(cache_type) / 8
+            swa_bytes = swa_values * (window + 512) * bytes_per_value
+            row[name] = max(0, int((budget - swa_bytes) / (full_values * bytes_per_value)))
+        table[model] = row
+    return table
+
+
+def _weights(build, model: str, log) -> tuple[Path, Path]:
+    """A Q8_0 GGUF of the model (the weights every cache type runs with) and the bench cache folder."""
+    from .bench import _reference_and_checkpoint
+
+    reference, _, workdir = _reference_and_checkpoint(model, "f32", log)
+    weights = workdir / "Q8_0.gguf"
+    if not weights.exists():
+        llama_tools.llama_quantize(build, reference, weights, "Q8_0")
+    return weights, workdir
+
+
+def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, variants: tuple[str, ...] | None = None,
+                 ctx: int = 2048, chunks: int = 4, depth: int = 2048, rounds: int = 3, threads: int | None = None,
+                 log=print) -> KVBenchResult:
+    """Measure every KV variant on `model`; write results.json, results.md and kld_vs_bits.png to `out_dir`."""
+    started = time.time()
+    build = builder.ensure_build()
+    names = list(variants or KV_VARIANTS)
+    unknown = [n for n in names if n not in KV_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown KV variant(s) {', '.join(unknown)}; known: {', '.join(KV_VARIANTS)}")
+    if "f16" not in names:
+        names.insert(0, "f16")
+    weights, workdir = _weights(build, model, log)
+    text = textdata.measurement_text_file()
+    threads = threads or llama_tools.default_threads()
+    results = {n: KVResult(n, KV_VARIANTS[n][0], bits_per_value(KV_VARIANTS[n][0])) for n in names}
+    layout = plan.read_layout(weights)
+    for r in results.values():
+        r.bytes_per_token = plan.kv_cache_bytes(layout, ctx, r.cache_type) / ctx
+
+    base = workdir / f"kv-f16.ctx{ctx}.chunks{chunks}.kld"
+    for name in names:
+        cache_type, env = KV_VARIANTS[name]
+        log(f"perplexity, KV {name}")
+        cache = ["-fa", "on", "-ctk", cache_type, "-ctv", cache_type]
+        if name == "f16":
+            q = llama_tools.perplexity(build, weights, text, ctx=ctx, chunks=chunks, save_kld_base=base, threads=threads, extra=cache)
+        else:
+            q = llama_tools.perplexity(build, weights, text, ctx=ctx, chunks=chunks, kld_base=base, threads=threads,
+                                       extra=cache, env=env)
+        r = results[name]
+        r.ppl, r.kld_mean, r.kld_p99, r.same_top_p = q.ppl, q.kld_mean, q.kld_p99, q.same_top_p
+
+    samples: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for round_index in range(rounds):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            cache_type, env = KV_VARIANTS[name]
+            log(f"llama-bench round {round_index + 1}/{rounds}, KV {name}")
+            rows = llama_tools.bench(build, [weights], repetitions=1, threads=threads, env=env,
+                                     extra=["-fa", "1", "-ctk", cache_type, "-ctv", cache_type, "-d", str(depth)])
+            for row in rows:
+                (samples[name][0] if row["n_prompt"] else samples[name][1]).append(float(row["avg_ts"]))
+    for name, (pp, tg) in samples.items():
+        results[name].pp = sorted(pp)[len(pp) // 2] if pp else None
+        results[name].tg = sorted(tg)[len(tg) // 2] if tg else None
+    f16 = results["f16"]
+    for r in results.values():
+        r.pp_vs_f16 = r.pp / f16.pp if r.pp and f16.pp else None
+        r.tg_vs_f16 = r.tg / f16.tg if r.tg and f16.tg else None
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "seed-configs"
+    result = KVBenchResult(model=model, weights=f"{weights.name} (Q8_0 weights, the same for every cache type)", ctx=ctx,
+                           chunks=chunks, depth=depth, text=text.name, results=list(results.values()),
+                           max_context_4gib=seed_max_context(shared), seconds=time.time() - started)
+    out_dir = out_dir or Path(f"bench-kv-{model}")
+    write_outputs(result, out_dir)
+    log(markdown(result))
+    return result
+
+
+def markdown(result: KVBenchResult) -> str:
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"KV cache types on {result.model} ({result.weights}); perplexity at ctx {result.ctx} x {result.chunks} "
+             f"chunks, KLD against the f16 cache; llama-bench pp512/tg128 at depth {result.depth}, flash attention.", "",
+             "| cache | bits/value | KV bytes/token | PPL | mean KLD | KLD p99 | same top % | pp512 t/s | tg128 t/s | pp vs f16 | tg vs f16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result.results:
+        lines.append(f"| {r.name} | {r.bits_per_value:.2f} | {num(r.bytes_per_token, '.0f')} | {num(r.ppl, '.3f')} | "
+                     f"{num(r.kld_mean, '.5f')} | {num(r.kld_p99, '.4f')} | {num(r.same_top_p, '.2f')} | {num(r.pp, '.1f')} | "
+                     f"{num(r.tg, '.1f')} | {num(r.pp_vs_f16, '.2f')} | {num(r.tg_vs_f16, '.2f')} |")
+    if result.max_context_4gib:
+        names = list(next(iter(result.max_context_4gib.values())))
+        lines += ["", "Longest context whose KV cache fits 4 GiB (from the seed configs; see kvbench.seed_max_context):", "",
+                  "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for model, row in result.max_context_4gib.items():
+            lines.append(f"| {model} | " + " | ".join(f"{row[n]:,}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(result: KVBenchResult, out_dir: Path) -> None:
+    from .bench import _atomic_write, _save_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
+    _atomic_write(out_dir / "results.md", (markdown(result) + "\n").encode())
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in result.results:
+        if r.kld_mean is None:
+            continue
+        hlwq = r.name.startswith("hlwq")
+        ax.scatter(r.bits_per_value, r.kld_mean, marker="o" if hlwq else "s", color="tab:red" if hlwq else "tab:blue")
+        ax.annotate(r.name, (r.bits_per_value, r.kld_mean), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("KV bits per value")
+    ax.set_ylabel("mean KLD vs f16 cache")
+    ax.set_yscale("log")
+    ax.set_title(f"KV cache: {result.model}, ctx {result.ctx}")
+    ax.grid(True, which="both", alpha=0.3)
+    _save_figure(fig, out_dir / "kld_vs_bits.png")
+    plt.close(fig)
