@@ -25,9 +25,10 @@ def _kld(build, model, base, cache_type, env=None):
 
 
 def test_hlwq_cache_quality_against_llama_cpp_caches(smollm2_q8, llama_build, tmp_path):
-    """On real weights, at ctx 1024: the 4-bit HLWQ cache is closer to the f16 cache than q4_0 (4.5 bits per value)
-    and the 3-bit one stays within a small multiple of it; both are far better than with llama.cpp's graph
-    rotation left on top of theirs (H64 twice is the identity: the values would be coded unrotated)."""
+    """On real weights (ctx 1024, 2 chunks): the 4-bit HLWQ cache (4.25 bits per value) is as close to the f16
+    cache as q4_0 (4.5); the 3-bit one (3.25) is a few times further (measured at ctx 2048: 0.219 vs 0.050, see
+    docs/BENCHMARKS.md); keeping llama.cpp's graph rotation on top of the types' own is much worse (at head size 64
+    H64 twice is the identity, so the values would be coded unrotated), which is why the types opt out of it."""
     base = tmp_path / "f16.kld"
     llama_tools.perplexity(llama_build, smollm2_q8, textdata.measurement_text_file(), ctx=1024, chunks=2,
                            save_kld_base=base, extra=["-fa", "on"])
@@ -35,10 +36,12 @@ def test_hlwq_cache_quality_against_llama_cpp_caches(smollm2_q8, llama_build, tm
     hlwq4 = _kld(llama_build, smollm2_q8, base, "hlwq4_64")
     hlwq3 = _kld(llama_build, smollm2_q8, base, "hlwq3_64")
     hlwq3_rot = _kld(llama_build, smollm2_q8, base, "hlwq3_64", env={"LLAMA_ATTN_ROT_HLWQ": "1"})
+    print(f"KLD vs f16 cache: q4_0 {q4_0.kld_mean}, hlwq4 {hlwq4.kld_mean}, hlwq3 {hlwq3.kld_mean}, "
+          f"hlwq3 + graph rotation {hlwq3_rot.kld_mean}")
     assert all(np.isfinite(q.ppl) for q in (q4_0, hlwq4, hlwq3, hlwq3_rot))
-    assert 0 < hlwq4.kld_mean < q4_0.kld_mean
-    assert hlwq4.kld_mean < hlwq3.kld_mean < 4 * q4_0.kld_mean
-    assert hlwq3_rot.kld_mean > 1.5 * hlwq3.kld_mean
+    assert 0 < hlwq4.kld_mean < 1.15 * q4_0.kld_mean
+    assert hlwq4.kld_mean < hlwq3.kld_mean < 6 * q4_0.kld_mean
+    assert hlwq3_rot.kld_mean > 2 * hlwq3.kld_mean
 
 
 @pytest.mark.parametrize("kv_type", ["hlwq3", "hlwq4"])
@@ -55,17 +58,17 @@ def test_generation_with_an_hlwq_cache(smollm2_q8, kv_type):
 
 
 def test_full_cache_is_llama_cpp_s_normal_error(smollm2_q8, llama_build):
-    """More tokens than the cache holds: llama-completion stops with its own message, exit code 0, no crash; with
-    context shift on, the shifted (dequantized, re-roped, re-quantized) HLWQ K cache keeps generating."""
-    base = [llama_build.tool("llama-completion"), "-m", smollm2_q8, "-p", "Once upon a time", "-c", "64", "-n", "160",
+    """More tokens than the cache holds (256 cells, the smallest llama.cpp allocates): llama-completion stops with
+    its own message and exit code 0; with --context-shift the K cache is dequantized, re-roped and re-quantized
+    and generation goes on. That shift used to crash (SIGSEGV) for every quantized cache without llama.cpp's graph
+    rotation, which the HLWQ types opt out of; patch 0004 fixes it."""
+    base = [llama_build.tool("llama-completion"), "-m", smollm2_q8, "-p", "Once upon a time", "-c", "256", "-n", "400",
             "--temp", "0", "-no-cnv", "--no-warmup", "--ignore-eos", "-fa", "on", "-ctk", "hlwq3_64", "-ctv", "hlwq3_64",
             "-t", llama_tools.default_threads()]
     stop = subprocess.run([str(c) for c in base], capture_output=True, text=True, errors="replace",
-                          stdin=subprocess.DEVNULL, timeout=300)
-    assert stop.returncode == 0, stop.stderr[-2000:]
+                          stdin=subprocess.DEVNULL, timeout=600)
+    assert stop.returncode == 0 and "context full and context shift is disabled" in stop.stderr, stop.stderr[-2000:]
     shift = subprocess.run([str(c) for c in base + ["--context-shift"]], capture_output=True, text=True, errors="replace",
-                           stdin=subprocess.DEVNULL, timeout=300)
+                           stdin=subprocess.DEVNULL, timeout=600)
     assert shift.returncode == 0, shift.stderr[-2000:]
-    # the generated text is longer with the shift than without it (when llama-completion's log made it out)
-    if stop.stdout.strip() and shift.stdout.strip():
-        assert len(shift.stdout) > len(stop.stdout)
+    assert "context full" not in shift.stderr
