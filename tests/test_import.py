@@ -337,3 +337,23 @@ def test_moe_experts_are_stacked_from_their_codes(family, tmp_path, smollm2_hf, 
     completion = llm.create_completion("The city of", max_tokens=4, temperature=0.0, repeat_penalty=1.0,
                                        logit_bias={llm.token_eos(): -1e9})
     assert completion["usage"]["completion_tokens"] == 4
+
+
+def test_unquantized_tensors_follow_the_recipe_or_stay_bf16(tmp_path, stand_in_tokenizer):
+    """hlwq_q5 keeps its embedding in BF16: a normal conversion codes it by the recipe (as a BF16 checkpoint would
+    be), --keep-unquantized leaves it BF16, with the same values; the coded tensors are copied either way."""
+    source = _checkpoint(tmp_path, "hlwq_q5", stand_in_tokenizer)
+    types = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}.gguf"
+        report = convert_checkpoint(source, out, quiet=True, keep_unquantized=keep)
+        assert all(t["copied"] == t["blocks"] > 0 for t in report.imported_tensors)
+        reader = gguf.GGUFReader(out)
+        types[keep] = {t.name: t for t in reader.tensors}
+    assert types[False]["token_embd.weight"].tensor_type.name == "HLWQ5"
+    kept = types[True]["token_embd.weight"]
+    assert kept.tensor_type.name == "BF16"
+    stored = polarquant.load(source).plain["model.embed_tokens.weight"].load_f32()
+    values = (np.asarray(kept.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    assert np.array_equal(values.reshape(stored.shape), stored)
+    assert types[True]["blk.0.attn_norm.weight"].tensor_type.name == "F32"
