@@ -154,3 +154,17 @@ def test_hlwq_kv_cache_on_every_family(llama_build, seed, tmp_path):
         kld[cache] = q.kld_mean
     print(f"{seed.family}: KV KLD vs f16 cache {kld}")
     assert kld["hlwq4_64"] <= 2 * kld["q4_0"] + 1e-4 and kld["hlwq3_64"] <= 6 * kld["q4_0"] + 1e-4, kld
+
+
+def test_size_estimate_matches_the_converted_file(seed):
+    """scripts/seed_sizes.py, which gives the README's expected GGUF sizes of the real seed models from their
+    configs, predicts the tensor bytes of the converted tiny replicas within 0.5 % (HLWQ5 and HLWQ5_M)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import seed_sizes
+
+    estimate = seed_sizes.sizes(seed.folder / "config.json")
+    gguf = gguf_types.register()
+    for recipe, path in (("HLWQ5", seed.hlwq5), ("HLWQ5_M", seed.hlwq5_m)):
+        real = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+        assert estimate[recipe] == pytest.approx(real, rel=0.005), (seed.family, recipe, estimate[recipe], real)
