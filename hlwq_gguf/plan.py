@@ -354,7 +354,8 @@ class Plan:
 
     def llama_args(self) -> list[str]:
         """llama-cli / llama-server arguments that realise this plan."""
-        args = ["-ngl", "999", "-c", str(self.n_ctx), "-ctk", self.type_k, "-ctv", self.type_v, "-fa", "on"]
+        args = ["-ngl", "999", "-c", str(self.n_ctx), "-ctk", KV_TYPE_ALIASES.get(self.type_k, self.type_k),
+                "-ctv", KV_TYPE_ALIASES.get(self.type_v, self.type_v), "-fa", "on"]
         for o in self.overrides():
             args += ["-ot", o]
         return args

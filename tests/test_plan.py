@@ -149,6 +149,11 @@ def test_plan_cases(moe, kv):
     assert "\n" not in message and str(moe.gguf) in message and "does not fit" in message
 
 
+def test_plan_prints_llama_cpp_s_names_of_the_hlwq_cache_types(moe):
+    args = planner.make_plan(moe.layout, "24GiB", 4096, "hlwq3", "hlwq4").llama_args()
+    assert "-ctk hlwq3_64 -ctv hlwq4_64" in " ".join(args)
+
+
 def test_plan_rejects_unknown_kv_type(moe):
     with pytest.raises(planner.PlanError, match="KV type 'q3_k' is not one llama.cpp knows"):
         planner.make_plan(moe.layout, "24GiB", 4096, "q3_k")
