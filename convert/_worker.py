@@ -191,8 +191,6 @@ def _repack(array, sources, block_type, ggml, threads: int, report: dict):
     block with the same type's quantizer and record the error that adds."""
     import numpy as np
 
-    from hlwq_gguf import codec
-
     blocks = np.ascontiguousarray(array, dtype=np.float32).reshape(-1, 128)
     out = np.zeros((blocks.shape[0], block_type.type_size), dtype=np.uint8)
     matched = np.zeros(blocks.shape[0], dtype=bool)
@@ -203,12 +201,12 @@ def _repack(array, sources, block_type, ggml, threads: int, report: dict):
         local = np.concatenate([np.arange(s.hashes.size) for s in usable])
         order = np.argsort(source_hashes, kind="stable")
         wanted = _block_hashes(blocks)
-        pos = np.minimum(np.searchsorted(source_hashes[order], wanted), order.size - 1)
-        hit = source_hashes[order][pos] == wanted
+        found = order[np.minimum(np.searchsorted(source_hashes[order], wanted), order.size - 1)]
+        hit = source_hashes[found] == wanted
         for i, source in enumerate(usable):
-            rows = np.flatnonzero(hit & (owner[order][pos] == i))
+            rows = np.flatnonzero(hit & (owner[found] == i))
             if rows.size:
-                candidate = source.packed()[local[order][pos][rows]]
+                candidate = source.packed()[local[found][rows]]
                 exact = np.all(block_type.dequantize_blocks(candidate) == blocks[rows], axis=1)
                 out[rows[exact]] = candidate[exact]
                 matched[rows[exact]] = True

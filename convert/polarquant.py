@@ -19,7 +19,7 @@ import numpy as np
 
 from hlwq_gguf import codec
 
-from .source import ConversionError, PICKLE_SUFFIXES, _check_safetensors_header
+from .source import ConversionError, _check_safetensors_header
 
 BLOCK = 128
 TABLE_LETTERS = {"A": "reference_A", "B": "reference_B"}

@@ -24,7 +24,6 @@ hlwq3_64/hlwq4_64, whose 64-value blocks fit every head size that is a multiple 
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
