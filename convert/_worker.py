@@ -132,7 +132,7 @@ class _CodedSource:
         self.weights = weights if isinstance(weights, list) else [weights]
         self.stacked = isinstance(weights, list)
         self.hashes = None
-        self._packed = None
+        self.packed_blocks = None
 
     @property
     def shape(self):
@@ -142,20 +142,18 @@ class _CodedSource:
     def dequantize(self):
         import numpy as np
 
-        values = np.stack([w.dequantize() for w in self.weights]) if self.stacked else self.weights[0].dequantize()
-        if values.shape[-1] % 128 == 0:
+        # rows whose width is a multiple of 128 can take copied blocks: keep their hashes and ggml blocks, made from
+        # the same read of the codes as the values
+        copyable = self.weights[0].in_features % 128 == 0
+        decoded = [w.decode(packed=copyable) for w in self.weights]
+        values = np.stack([v for v, _ in decoded]) if self.stacked else decoded[0][0]
+        if copyable:
             self.hashes = _block_hashes(values.reshape(-1, 128))
+            self.packed_blocks = np.concatenate([p for _, p in decoded])
         return values
 
-    def packed(self):
-        import numpy as np
-
-        if self._packed is None:
-            self._packed = np.concatenate([w.packed_blocks() for w in self.weights])
-        return self._packed
-
     def release(self) -> None:
-        self.hashes = self._packed = None
+        self.hashes = self.packed_blocks = None
 
 
 def _block_hashes(blocks):
@@ -206,7 +204,7 @@ def _repack(array, sources, block_type, ggml, threads: int, report: dict):
         for i, source in enumerate(usable):
             rows = np.flatnonzero(hit & (owner[found] == i))
             if rows.size:
-                candidate = source.packed()[local[found][rows]]
+                candidate = source.packed_blocks[local[found][rows]]
                 exact = np.all(block_type.dequantize_blocks(candidate) == blocks[rows], axis=1)
                 out[rows[exact]] = candidate[exact]
                 matched[rows[exact]] = True

@@ -4,7 +4,7 @@ Four layouts carry HLWQ codes (shared/hlwq/REFERENCE.md section 3); each coded w
 fp16 block norms, the codes of every (row, 128-block) and the reference table (A or B) they index. Everything
 else in the folder (norms, embeddings the release kept in BF16, routers, ...) is a `PlainTensor`. The converter
 (convert/_worker.py) feeds both to llama.cpp's own model classes, so names, layouts and expert stacking are theirs,
-and copies the codes of every block that reaches the output unchanged (`RepackIndex`).
+and copies the codes of every block that reaches the output unchanged (`_repack` there).
 
 Releases without codes (torchao INT4 `model_int4.pt`, GPTQ/AWQ) are refused; no pickle is ever opened.
 """
@@ -64,12 +64,9 @@ class _SafetensorsFile:
               "I8": "i1", "U8": "u1", "BOOL": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
 
     def __init__(self, path: Path):
-        _check_safetensors_header(path)
+        header, header_len = _check_safetensors_header(path)
         self.path = path
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            self.header = json.loads(f.read(header_len))
-        self.header.pop("__metadata__", None)
+        self.header = {name: info for name, info in header.items() if name != "__metadata__"}
         self.data_start = 8 + header_len
         self._map: np.memmap | None = None
 
@@ -143,13 +140,16 @@ class CodedWeight:
 
     def dequantize(self) -> np.ndarray:
         """The reference's dequantization: r * (c[code] / sqrt(128)) @ H per block, padded tail trimmed (fp32)."""
-        blocks = codec.dequantize_blocks(self.norms().reshape(-1), self.codes().reshape(-1, BLOCK), self.bits, BLOCK, self.table)
-        return blocks.reshape(self.out_features, -1)[:, :self.in_features]
+        return self.decode(packed=False)[0]
 
-    def packed_blocks(self) -> np.ndarray:
-        """The same blocks in the ggml layout of HLWQ{bits}_{A|B}: [out * n_blocks, type_size] uint8."""
-        block_type = codec.block_type(self.bits, BLOCK, self.table)
-        return block_type.pack_blocks(self.norms().reshape(-1), self.codes().reshape(-1, BLOCK))
+    def decode(self, packed: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The dequantization and, from the same one read of norms and codes, the blocks in the ggml layout of
+        HLWQ{bits}_{A|B} ([out * n_blocks, type_size] uint8; None unless `packed`)."""
+        norms, codes = self.norms().reshape(-1), self.codes().reshape(-1, BLOCK)
+        values = codec.dequantize_blocks(norms, codes, self.bits, BLOCK, self.table)
+        values = values.reshape(self.out_features, -1)[:, :self.in_features]
+        blocks = codec.block_type(self.bits, BLOCK, self.table).pack_blocks(norms, codes) if packed else None
+        return values, blocks
 
 
 @dataclass

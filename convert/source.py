@@ -58,7 +58,8 @@ def resolve(source: str | Path) -> Path:
     return Path(local)
 
 
-def _check_safetensors_header(path: Path) -> None:
+def _check_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The validated JSON header of a safetensors file and its length in bytes (data starts at 8 + length)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -94,6 +95,7 @@ def _check_safetensors_header(path: Path) -> None:
             raise ConversionError(f"{path}: tensor {name}: {dtype}{shape} needs {count * SAFETENSORS_DTYPE_SIZES[dtype]} bytes, header gives {end - begin}")
         if end > data_size:
             raise ConversionError(f"{path}: tensor {name}: data ends at byte {end} but the file holds {data_size} (truncated)")
+    return header, header_len
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
