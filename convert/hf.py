@@ -14,6 +14,7 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import recipes, upstream
 
 from . import polarquant
+from .reference import reference_gguf
 from .source import ConversionError, load_checkpoint, resolve
 
 
@@ -32,15 +33,48 @@ class ConversionReport:
     # and the relative RMS error that re-encoding the others added (0 when all were copied)
     import_format: str | None = None
     imported_tensors: list[dict] = field(default_factory=list)
+    # tensors changed by channel equalization (0: none)
+    equalized_tensors: int = 0
 
     @property
     def mweights_per_second(self) -> float:
         return self.weights_quantized / max(self.quantize_seconds, 1e-9) / 1e6
 
 
+# checkpoints below this size go through an F32 intermediate GGUF, larger ones through BF16
+FULL_PRECISION_F32_LIMIT = 8 << 30
+IMATRIX_CHUNKS = 32
+
+
+def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatrix: str | Path | None,
+                  threads: int | None, quiet: bool, work_dir: Path | None = None) -> ConversionReport:
+    """The full-precision GGUF path (convert/requantize.py), computing the importance matrix first for "auto"."""
+    import time
+
+    from hlwq_gguf import llama_tools, textdata
+
+    from .requantize import requantize_gguf
+
+    if not source.is_file():
+        raise ConversionError(f"{source}: no such GGUF file")
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+        if str(imatrix) == "auto":
+            imatrix = llama_tools.imatrix(builder.ensure_build(), source, textdata.calibration_text_file(),
+                                          Path(work_dir or scratch) / "imatrix.gguf", chunks=IMATRIX_CHUNKS,
+                                          threads=threads)
+        stats = requantize_gguf(source, output, recipe, imatrix=Path(imatrix) if imatrix else None,
+                                equalize=equalize, threads=threads, quiet=quiet)
+    return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
+                            weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
+                            wall_seconds=time.time() - started, tensor_types=stats["types"],
+                            equalized_tensors=stats["equalized"])
+
+
 def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
                        verbose: bool = False, threads: int | None = None, codebook: str | None = None,
-                       keep_unquantized: bool = False) -> ConversionReport:
+                       keep_unquantized: bool = False, equalize: bool = False,
+                       imatrix: str | Path | None = None) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
@@ -50,18 +84,39 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
     A PolarQuant/HLWQ code checkpoint (convert/polarquant.py) is imported without re-quantizing: its codes and
     norms are copied into the HLWQ types of its codebook (`codebook` A or B for layouts that store no table;
     ignored otherwise), and the tensors it keeps unquantized follow `recipe` or, with `keep_unquantized`, stay BF16.
+
+    `equalize` applies convert/equalize.py's function-preserving channel scales before coding, estimated from the
+    weights; `imatrix` (a llama-imatrix GGUF, or "auto" to compute one on the calibration text) estimates them from
+    activations instead and implies `equalize`. Both take the full-precision GGUF path (convert/requantize.py).
+    A full-precision GGUF `source` always takes that path.
     """
     if recipe not in recipes.RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
     output = Path(output).expanduser().resolve()
     if not output.parent.is_dir():
         raise ConversionError(f"{output.parent}: output folder does not exist")
+    if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).expanduser().is_file():
+        raise ConversionError(f"{imatrix}: no such importance-matrix file (give a llama-imatrix GGUF or 'auto')")
+    if str(source).endswith(".gguf"):
+        return _convert_gguf(Path(source).expanduser(), output, recipe, equalize, imatrix, threads, quiet)
     model_dir = polarquant.code_folder(resolve(source))
     polarquant.refuse_codeless(model_dir)
     import_format = polarquant.detect(model_dir) if (model_dir / "config.json").is_file() else None
     checkpoint = load_checkpoint(model_dir)
     if import_format:
+        if equalize or imatrix is not None:
+            raise ConversionError(f"{model_dir}: a code checkpoint is imported as it is; --equalize/--imatrix "
+                                  "apply only to full-precision checkpoints")
         polarquant.load(model_dir, codebook)  # every layout and shape problem surfaces here, before any output
+    elif equalize or imatrix is not None:
+        if not checkpoint.architectures:
+            raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
+            full = Path(work) / "full-precision.gguf"
+            # F32 keeps F16 checkpoints exact; large BF16 ones go through BF16, which holds them exactly too
+            small = sum(p.stat().st_size for p in checkpoint.safetensors) < FULL_PRECISION_F32_LIMIT
+            reference_gguf(model_dir, full, "f32" if small else "bf16")
+            return _convert_gguf(full, output, recipe, equalize, imatrix, threads, quiet, work_dir=Path(work))
     if not checkpoint.architectures:
         raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
     tree = upstream.patched_tree()

@@ -26,6 +26,7 @@ HLWQ_RECIPES = ("hlwq6", "hlwq5_m", "hlwq5", "hlwq4", "hlwq3")
 QUICK_LLAMA_QUANTS = ("Q5_K_M", "Q4_K_M")
 QUICK_HLWQ_RECIPES = ("hlwq5_m", "hlwq5")
 BASELINE = "Q5_K_M"
+IMATRIX_CHUNKS = 32
 # llama.cpp's quants that take an importance matrix (legacy Q8_0 does not use one)
 _USES_IMATRIX = re.compile(r"^(Q\d_K|IQ)")
 
@@ -167,17 +168,32 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
         result = llama_tools.llama_quantize(build, reference, out, ftype, imatrix=imatrix if uses_imatrix else None,
                                             threads=threads)
         made.append(_variant(ftype, "llama.cpp", out, result.fallbacks, uses_imatrix))
-    for recipe in hlwq_recipes:
-        name = recipe.upper()
-        out = workdir / f"{name}.gguf"
+    for variant in hlwq_recipes:
+        recipe, equalize = parse_hlwq_variant(variant)
+        name = recipe.upper() + ("+EQ" if equalize and imatrix is None else "")
+        out = workdir / f"{name}{'-imat' if imatrix is not None else ''}.gguf"
         progress(f"convert {name}")
-        if checkpoint is not None:
+        if imatrix is not None or equalize:
+            # equalization works on the full-precision GGUF; the same weights the checkpoint path reads
+            convert_checkpoint(reference, out, recipe=recipe, quiet=True, threads=threads, equalize=equalize,
+                               imatrix=imatrix)
+            fallbacks = None
+        elif checkpoint is not None:
             convert_checkpoint(checkpoint, out, recipe=recipe, quiet=True, threads=threads)
             fallbacks = None
         else:
             fallbacks = llama_tools.llama_quantize(build, reference, out, name, threads=threads).fallbacks
-        made.append(_variant(name, "hlwq", out, fallbacks, False))
+        made.append(_variant(name, "hlwq", out, fallbacks, imatrix is not None))
     return made
+
+
+def parse_hlwq_variant(variant: str) -> tuple[str, bool]:
+    """'hlwq5' -> ('hlwq5', False); 'hlwq5+eq' -> ('hlwq5', True): the recipe with weights-only equalization."""
+    recipe, plus, flag = variant.lower().partition("+")
+    if recipe not in recipes.RECIPES or (plus and flag != "eq"):
+        raise BenchError(f"unknown HLWQ variant {variant!r}; give a recipe ({', '.join(recipes.RECIPES)}), "
+                         "optionally with +eq")
+    return recipe, bool(plus)
 
 
 def _variant(name: str, family: str, path: Path, fallbacks: int | None, imatrix: bool) -> VariantResult:
@@ -222,6 +238,8 @@ def _measure_quality(build, variants: list[VariantResult], text_file: Path, sett
 
 def _measure_speed(build, variants: list[VariantResult], settings: Settings, progress) -> None:
     quantized = [v for v in variants if v.family != "reference"]
+    if settings.rounds == 0:  # a quality-only run
+        return
     for round_index in range(settings.rounds):
         shift = round_index % len(quantized)
         for v in quantized[shift:] + quantized[:shift]:
@@ -257,13 +275,12 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
         raise BenchError(f"unknown protocol {protocol!r} (kld or polarquant)")
     llama_quants = tuple(llama_quants or (QUICK_LLAMA_QUANTS if quick else LLAMA_QUANTS))
     hlwq_recipes = tuple(hlwq_recipes or (QUICK_HLWQ_RECIPES if quick else HLWQ_RECIPES))
-    for recipe in hlwq_recipes:
-        if recipe not in recipes.RECIPES:
-            raise BenchError(f"unknown HLWQ recipe {recipe!r}; choose from {', '.join(recipes.RECIPES)}")
+    for variant in hlwq_recipes:
+        parse_hlwq_variant(variant)
     threads = threads or llama_tools.default_threads()
     settings = Settings(ctx=ctx or (256 if quick else 512), chunks=chunks or (4 if quick else 16),
                         n_prompt=64 if quick else 512, n_gen=16 if quick else 128,
-                        rounds=rounds or (1 if quick else 5), threads=threads, imatrix=imatrix, protocol=protocol,
+                        rounds=(1 if quick else 5) if rounds is None else rounds, threads=threads, imatrix=imatrix, protocol=protocol,
                         reference_type=reference_type)
     if protocol == "polarquant":
         settings.ctx, settings.chunks = 2048, chunks or 30
@@ -293,14 +310,14 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
         imatrix_file = None
         notes = []
         if imatrix:
-            imatrix_file = workdir / f"imatrix.ctx{settings.ctx}.chunks{settings.chunks}.gguf"
+            imatrix_file = workdir / f"imatrix.calibration.ctx{settings.ctx}.chunks{IMATRIX_CHUNKS}.gguf"
             progress("llama-imatrix")
             if not imatrix_file.exists():
-                llama_tools.imatrix(build, reference, textdata.measurement_text_file(), imatrix_file,
-                                    ctx=settings.ctx, chunks=settings.chunks, threads=threads)
-            notes.append("The importance matrix was computed on the measurement text itself and applied to the K/IQ "
-                         "quants; the HLWQ quantizer does not use an importance matrix yet, so HLWQ rows are "
-                         "without one.")
+                llama_tools.imatrix(build, reference, textdata.calibration_text_file(), imatrix_file,
+                                    ctx=settings.ctx, chunks=IMATRIX_CHUNKS, threads=threads)
+            notes.append(f"One importance matrix ({IMATRIX_CHUNKS} chunks of {settings.ctx} tokens of the calibration "
+                         "text, which the measurement never scores) was given to the K/IQ quants and to the HLWQ "
+                         "variants (channel equalization, convert/equalize.py).")
         variants = _make_variants(build, reference, checkpoint, workdir, llama_quants, hlwq_recipes, imatrix_file,
                                   threads, progress)
         _measure_quality(build, variants, text_file, settings, workdir, progress)
@@ -329,8 +346,9 @@ def markdown_table(result: BenchResult) -> str:
     s = result.settings
     quality = (f"KLD against {result.variants[0].name}, {s.chunks} chunks of {s.ctx} tokens" if s.protocol == "kld"
                else f"strided PPL ({s.chunks} windows of 2048, stride 512)")
-    lines = [f"**{result.model}** - {quality}; llama-bench pp{s.n_prompt}/tg{s.n_gen}, {s.threads} threads, "
-             f"median of {s.rounds} interleaved rounds; {result.machine}; {result.llama_cpp}",
+    speed = (f"llama-bench pp{s.n_prompt}/tg{s.n_gen}, {s.threads} threads, median of {s.rounds} interleaved rounds"
+             if s.rounds else "no speed runs (--rounds 0)")
+    lines = [f"**{result.model}** - {quality}; {speed}; {result.machine}; {result.llama_cpp}",
              "",
              f"| variant | bpw (file) | bpw (matrices) | fallbacks | PPL | mean KLD | 99% KLD | same top % | "
              f"pp{s.n_prompt} t/s | tg{s.n_gen} t/s | pp vs {BASELINE} | tg vs {BASELINE} |",
@@ -354,7 +372,8 @@ def write_outputs(result: BenchResult, out_dir: Path) -> None:
     _atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
     _atomic_write(out_dir / "results.md", (markdown_table(result) + "\n").encode())
     plot_quality(result, out_dir / "kld_vs_bpw.png")
-    plot_speed(result, out_dir / "speed.png")
+    if result.settings.rounds:
+        plot_speed(result, out_dir / "speed.png")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -280,6 +280,33 @@ def measurement_text() -> str:
     return _cached_text(str(p), p.stat().st_mtime_ns)
 
 
+def calibration_text_file() -> Path:
+    """Path of the calibration text for importance matrices: the second half of the measurement text, from the
+    first article that starts there.
+
+    Every measurement reads the text from its start (at most the first ~150,000 characters), so statistics
+    gathered on this half never see the tokens they are judged on.
+    """
+    source = measurement_text_file()
+    path = source.with_name(source.stem + "-calibration.txt")
+    if path.is_file() and path.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+        return path
+    text = measurement_text()
+    start = text.find("\n\n= ", len(text) // 2)
+    if start < 0:
+        raise RuntimeError(f"{source}: no article starts in the second half of the measurement text")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text[start + 2:])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def wikitext_polarquant_slice(text: str | None = None, n_chars: int = 150_000) -> str:
     """First ``n_chars`` characters of ``text`` (default: :func:`measurement_text`) after
     re-joining its non-empty lines with blank lines (WikiText-style paragraph spacing)."""

@@ -19,15 +19,16 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where results.json, results.md and the plots go (default: ./bench-<model>).")
 @click.option("--quick", is_flag=True, help="A few-minute run: Q5_K_M, Q4_K_M, HLWQ5, HLWQ5_M, short text and benches.")
-@click.option("--imatrix", is_flag=True, help="Compute an importance matrix on the text and apply it to the K/IQ quants.")
+@click.option("--imatrix", is_flag=True, help="Compute an importance matrix on the calibration text and give it to the "
+              "K/IQ quants and the HLWQ variants (channel equalization).")
 @click.option("--protocol", type=click.Choice(["kld", "polarquant"]), default="kld", show_default=True,
               help="kld: KL-divergence vs the reference; polarquant: the reference implementation's strided PPL.")
 @click.option("--quants", help=f"llama.cpp quants, comma-separated (default: {','.join(benchmark.LLAMA_QUANTS)}).")
 @click.option("--recipes", "hlwq", help=f"HLWQ recipes, comma-separated (default: {','.join(benchmark.HLWQ_RECIPES)}; "
-              f"known: {','.join(recipes.RECIPES)}).")
+              f"known: {','.join(recipes.RECIPES)}; add +eq for weights-only channel equalization, e.g. hlwq5+eq).")
 @click.option("--ctx", type=int, help="Tokens per perplexity chunk (default 512, --quick 256).")
 @click.option("--chunks", type=int, help="Perplexity chunks (default 16, --quick 4; polarquant: windows, default 30).")
-@click.option("--rounds", type=int, help="Interleaved llama-bench rounds (default 5, --quick 1).")
+@click.option("--rounds", type=int, help="Interleaved llama-bench rounds (default 5, --quick 1; 0: quality only).")
 @click.option("-t", "--threads", type=int, help="Threads for every tool (default: all cores).")
 @click.option("--reference-type", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="Type of the full-precision reference GGUF built from a checkpoint.")

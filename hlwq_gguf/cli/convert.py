@@ -20,15 +20,22 @@ from hlwq_gguf import recipes, upstream
                    "codes index. Default: A for hlwq-q*, B for PQ-Multi (what the reference's own tools use).")
 @click.option("--keep-unquantized", is_flag=True,
               help="Code checkpoints: keep the tensors the checkpoint left unquantized in BF16 instead of applying --type.")
+@click.option("--equalize", is_flag=True,
+              help="Scale input channels before coding and undo it in the preceding norm, up or v weights (exact in "
+                   "float; no graph change), estimated from the weights alone.")
+@click.option("--imatrix", metavar="FILE|auto", default=None,
+              help="Equalize from activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the "
+                   "calibration text (text the benchmarks never score). Implies --equalize.")
 def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None,
-            codebook: str | None, keep_unquantized: bool) -> None:
-    """Convert SOURCE (a checkpoint folder or Hugging Face hub id) to OUTPUT (.gguf).
+            codebook: str | None, keep_unquantized: bool, equalize: bool, imatrix: str | None) -> None:
+    """Convert SOURCE (a checkpoint folder, Hugging Face hub id or full-precision GGUF) to OUTPUT (.gguf).
 
     A BF16/F16 checkpoint is quantized; a PolarQuant/HLWQ code checkpoint is imported with its codes copied bit for bit.
     """
     try:
         report = convert_checkpoint(source, output, recipe=recipe.lower(), quiet=quiet, verbose=verbose,
-                                    threads=threads, codebook=codebook, keep_unquantized=keep_unquantized)
+                                    threads=threads, codebook=codebook, keep_unquantized=keep_unquantized,
+                                    equalize=equalize, imatrix=imatrix)
     except (ConversionError, upstream.UpstreamError) as e:
         raise click.ClickException(str(e)) from None
     if report.import_format:

@@ -1,0 +1,170 @@
+"""A full-precision GGUF to an HLWQ GGUF, optionally equalized first (convert/equalize.py).
+
+This is the converter's second path: `hlwq-gguf convert` takes it for a GGUF source, and for a checkpoint when
+equalization is asked for (the checkpoint goes through llama.cpp's converter to a full-precision GGUF first,
+because equalization needs a layer's tensors together while the streaming path sees one at a time).
+Tensors are read from the memory-mapped source and written one at a time.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from hlwq_gguf import build as builder
+from hlwq_gguf import codec, gguf_types, recipes
+
+from . import equalize as equalizer
+from .source import ConversionError
+
+_FULL_PRECISION = ("F32", "F16", "BF16")
+
+
+def _hparams(reader, architecture: str) -> dict:
+    """The hyper-parameters equalization needs; per-layer arrays read as None (not supported)."""
+    def value(key):
+        field = reader.fields.get(f"{architecture}.{key}")
+        contents = None if field is None else field.contents()
+        return contents if isinstance(contents, int) else None
+    return {"block_count": value("block_count"), "head_count": value("attention.head_count"),
+            "head_count_kv": value("attention.head_count_kv")}
+
+
+def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *, imatrix: Path | None = None,
+                    equalize: bool = False, threads: int | None = None, quiet: bool = False) -> dict:
+    """Code the matrices of the full-precision GGUF `source` with `recipe` into `output` (written atomically).
+
+    `recipe` None keeps every tensor's type (an equalized full-precision GGUF, e.g. for llama-quantize).
+    With `equalize` (implied by `imatrix`) the per-channel scales of convert/equalize.py are applied first, from
+    the importance matrix when given, else from the weights alone. Returns {"types": {type: count},
+    "weights": n, "seconds": s, "equalized": n_tensors}.
+    """
+    import gguf
+    from tqdm import tqdm
+
+    from ._worker import _quantize_with_ggml
+    from hlwq_gguf.ggml_ctypes import GGML
+
+    gguf_types.register(gguf)
+    recipe_def = recipes.RECIPES.get(recipe) if recipe is not None else None
+    if recipe is not None and recipe_def is None:
+        raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
+    source, output = Path(source), Path(output)
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:
+        raise ConversionError(f"{source}: not a readable GGUF file ({e})") from None
+    quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(_FULL_PRECISION))
+    if quantized:
+        raise ConversionError(f"{source}: not a full-precision GGUF (has {', '.join(quantized)} tensors); "
+                              "HLWQ codes full-precision weights only")
+    architecture = reader.fields["general.architecture"].contents()
+    tensors = _FloatTensors(reader)
+    tied = "output.weight" not in tensors
+
+    scales = None
+    if equalize or imatrix is not None:
+        importance = equalizer.load_imatrix(imatrix) if imatrix is not None else None
+        scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance)
+
+    ggml = GGML(builder.ensure_build().bin)
+    threads = threads or os.cpu_count() or 1
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    stats = {"types": {}, "weights": 0, "seconds": 0.0,
+             "equalized": 0 if scales is None else len(scales.column_scales.keys() | scales.row_divisors.keys())}
+    try:
+        writer = gguf.GGUFWriter(tmp, architecture)
+        for field in reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or \
+                    field.name.startswith("hlwq."):
+                continue
+            if field.name == gguf.Keys.General.FILE_TYPE and recipe_def is not None:
+                writer.add_file_type(recipe_def.ftype)
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        for key, value in gguf_types.codebook_metadata().items():
+            (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+        if recipe_def is not None:
+            writer.add_string("hlwq.recipe", recipe_def.name)
+        if scales is not None:
+            writer.add_string("hlwq.equalize", scales.source)
+
+        plan = []
+        for t in reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row) first
+            type_name = recipes.tensor_type(recipe_def, t.name, shape, tied_embeddings=tied) if recipe_def else None
+            plan.append((t, shape, type_name))
+            if type_name is None:  # in its own type (an equalized one is re-encoded in it)
+                writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
+                continue
+            qtype = gguf.GGMLQuantizationType[type_name.upper()]
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            packed_shape = (*shape[:-1], shape[-1] // block * type_size)
+            writer.add_tensor_info(t.name, packed_shape, np.dtype(np.uint8), int(np.prod(packed_shape)), raw_dtype=qtype)
+            stats["types"][type_name] = stats["types"].get(type_name, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, shape, type_name in tqdm(plan, desc="HLWQ", unit="tensor", disable=quiet):
+            if type_name is None:
+                data = t.data
+                if scales is not None and (t.name in scales.row_divisors or t.name in scales.column_scales):
+                    data = gguf.quants.quantize(scales.apply(t.name, _to_float32(t)), t.tensor_type)
+                writer.write_tensor_data(np.ascontiguousarray(data))
+                continue
+            started = time.perf_counter()
+            values = _to_float32(t)
+            if scales is not None:
+                values = scales.apply(t.name, values)
+            if not np.isfinite(values).all():
+                raise ConversionError(f"{source}: tensor {t.name}: NaN/Inf weights")
+            block_type = codec.BLOCK_TYPES.get(type_name.upper())
+            try:
+                if block_type is not None:
+                    packed = _quantize_with_ggml(ggml, block_type, values, threads)
+                else:
+                    packed = ggml.quantize(type_name, values.reshape(-1, shape[-1]), threads).reshape(*shape[:-1], -1)
+            except codec.HLWQValueError as e:
+                raise ConversionError(f"{source}: tensor {t.name}: {e}") from None
+            writer.write_tensor_data(packed)
+            stats["seconds"] += time.perf_counter() - started
+            stats["weights"] += int(values.size)
+        writer.close()
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+def _to_float32(tensor) -> np.ndarray:
+    """A full-precision GGUF tensor as float32 in numpy order (BF16 data reads as raw bytes)."""
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
+
+
+class _FloatTensors(Mapping):
+    """name -> float32 array, decoded on access (the source stays memory-mapped)."""
+
+    def __init__(self, reader):
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _to_float32(self._tensors[name])
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
