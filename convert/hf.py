@@ -15,7 +15,7 @@ from hlwq_gguf import recipes, upstream
 
 from . import polarquant
 from .reference import reference_gguf
-from .source import ConversionError, load_checkpoint, resolve
+from .source import ConversionError, load_checkpoint, publish, resolve
 
 
 @dataclass
@@ -35,6 +35,8 @@ class ConversionReport:
     imported_tensors: list[dict] = field(default_factory=list)
     # tensors changed by channel equalization (0: none)
     equalized_tensors: int = 0
+    # the vision projector written beside the output (None: the checkpoint has no vision tower)
+    mmproj: Path | None = None
 
     @property
     def mweights_per_second(self) -> float:
@@ -74,8 +76,30 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
 def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
                        verbose: bool = False, threads: int | None = None, codebook: str | None = None,
                        keep_unquantized: bool = False, equalize: bool = False,
-                       imatrix: str | Path | None = None) -> ConversionReport:
+                       imatrix: str | Path | None = None, mmproj: bool | None = None) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
+
+    A checkpoint with a vision tower also gets its projector, `mmproj-<output stem>-f16.gguf` beside `output`, in
+    F16 as llama.cpp's converter writes it (`mmproj` False skips it, True requires a vision tower).
+    See _convert for the rest.
+    """
+    checkpoint = None
+    if mmproj is not False and not str(source).endswith(".gguf"):
+        checkpoint = load_checkpoint(polarquant.code_folder(resolve(source)))
+        if mmproj and not checkpoint.has_vision_tower:
+            raise ConversionError(f"{checkpoint.path}: no vision tower weights, so no projector (mmproj) to write")
+    report = _convert(source, output, recipe, quiet, verbose, threads, codebook, keep_unquantized, equalize, imatrix)
+    if checkpoint is None or not checkpoint.has_vision_tower:
+        return report
+    report.mmproj = report.output.with_name(f"mmproj-{report.output.stem}-f16.gguf")
+    reference_gguf(checkpoint.path, report.mmproj, "f16", mmproj=True)
+    return report
+
+
+def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, verbose: bool, threads: int | None,
+             codebook: str | None, keep_unquantized: bool, equalize: bool,
+             imatrix: str | Path | None) -> ConversionReport:
+    """The text model of `source` to an HLWQ GGUF at `output`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
     are written, one at a time, so memory stays bounded by the largest tensor. The output appears atomically:
@@ -153,7 +177,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
             last = lines[-1].split("\r")[-1] if lines else f"exit code {proc.returncode} (its output is above)"
             raise ConversionError(f"{model_dir}: conversion failed: {last}")
         stats = json.loads(stats_file.read_text())
-        os.replace(out_tmp, output)
+        publish(out_tmp, output)
     finally:
         for leftover in (out_tmp, stats_file, error_file):
             leftover.unlink(missing_ok=True)

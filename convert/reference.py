@@ -11,19 +11,25 @@ from hlwq_gguf import upstream
 from .source import ConversionError, load_checkpoint
 
 
-def reference_gguf(model_dir: Path, output: Path, outtype: str = "f32") -> Path:
-    """Convert `model_dir` unquantized (f32/f16/bf16) with upstream's converter; written atomically."""
+def reference_gguf(model_dir: Path, output: Path, outtype: str = "f32", mmproj: bool = False) -> Path:
+    """Convert `model_dir` unquantized (f32/f16/bf16) with upstream's converter; written atomically.
+
+    With `mmproj`, the multimodal projector (vision tower) instead of the text model.
+    """
     load_checkpoint(model_dir)
     tree = upstream.patched_tree()
     tmp = output.with_name(f".{output.name}.partial")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tree / "gguf-py"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    if mmproj:
+        cmd.append("--mmproj")
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
-            raise ConversionError(f"{model_dir}: convert_hf_to_gguf failed: {lines[-1] if lines else result.returncode}")
+            what = "the projector (mmproj)" if mmproj else "convert_hf_to_gguf"
+            raise ConversionError(f"{model_dir}: {what} failed: {lines[-1] if lines else result.returncode}")
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import codec, gguf_types, recipes
 
 from . import equalize as equalizer
-from .source import ConversionError
+from .source import ConversionError, publish
 
 _FULL_PRECISION = ("F32", "F16", "BF16")
 
@@ -138,7 +138,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             stats["seconds"] += time.perf_counter() - started
             stats["weights"] += int(values.size)
         writer.close()
-        os.replace(tmp, output)
+        publish(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
     return stats

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# what the vision towers' weight names contain in the supported multimodal checkpoints (llama.cpp's mmproj classes)
+VISION_TENSOR_PARTS = ("vision_tower.", "visual.", "vision_model.", "embed_vision.")
 
 
 class ConversionError(RuntimeError):
@@ -35,6 +40,15 @@ class Checkpoint:
     @property
     def architectures(self) -> list[str]:
         return list(self.config.get("architectures") or [])
+
+    def tensor_names(self) -> list[str]:
+        return [name for file in self.safetensors for name in _check_safetensors_header(file)[0] if name != "__metadata__"]
+
+    @property
+    def has_vision_tower(self) -> bool:
+        """A vision config with the tower's weights present (text-only fine-tunes keep the config, not the weights)."""
+        return "vision_config" in self.config and any(
+            part in name for name in self.tensor_names() for part in VISION_TENSOR_PARTS)
 
 
 def resolve(source: str | Path) -> Path:
@@ -118,3 +132,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for file in safetensors:
         _check_safetensors_header(file)
     return Checkpoint(path, config, safetensors)
+
+
+def publish(tmp: Path, output: Path) -> None:
+    """Rename a finished temporary file onto `output`, with the permissions a plain new file would get (mkstemp
+    makes files only their owner can read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, output)

@@ -22,7 +22,7 @@ from . import build as builder
 from . import gguf_stats, llama_tools, models, paths, recipes, textdata
 
 LLAMA_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS", "Q3_K_M")
-HLWQ_RECIPES = ("hlwq6", "hlwq5_m", "hlwq5", "hlwq4", "hlwq3")
+HLWQ_RECIPES = ("hlwq6", "hlwq5_m+eq", "hlwq5_m", "hlwq5+eq", "hlwq5", "hlwq4_m+eq", "hlwq4_m", "hlwq4", "hlwq3")
 QUICK_LLAMA_QUANTS = ("Q5_K_M", "Q4_K_M")
 QUICK_HLWQ_RECIPES = ("hlwq5_m", "hlwq5")
 BASELINE = "Q5_K_M"
@@ -172,6 +172,8 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
         recipe, equalize = parse_hlwq_variant(variant)
         name = recipe.upper() + ("+EQ" if equalize and imatrix is None else "")
         out = workdir / f"{name}{'-imat' if imatrix is not None else ''}.gguf"
+        if any(v.name == name for v in made):
+            continue  # with an importance matrix, "+eq" and the plain recipe are the same variant
         progress(f"convert {name}")
         if imatrix is not None or equalize:
             # equalization works on the full-precision GGUF; the same weights the checkpoint path reads

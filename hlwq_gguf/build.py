@@ -14,7 +14,7 @@ from . import paths, upstream
 TARGETS = [
     "llama",  # libllama.so, which llama-cpp-python loads
     "llama-cli", "llama-completion", "llama-server", "llama-quantize", "llama-perplexity", "llama-bench",
-    "llama-imatrix", "test-backend-ops", "test-quantize-fns",
+    "llama-imatrix", "llama-mtmd-cli", "test-backend-ops", "test-quantize-fns",
 ]
 
 
@@ -82,7 +82,8 @@ def ensure_build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | N
     key = build_key(cuda, cuda_arch)
     build_dir = paths.build_dir(key.split("-", 1)[1])
     stamp = build_dir / ".hlwq-build-key"
-    if stamp.exists() and stamp.read_text().strip() == key and (build_dir / "bin" / "llama-cli").exists():
+    if stamp.exists() and stamp.read_text().strip() == key and \
+            all((build_dir / "bin" / target).exists() for target in TARGETS if target != "llama"):
         return Build(build_dir)
 
     source = upstream.patched_tree()

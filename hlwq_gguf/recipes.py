@@ -31,6 +31,10 @@ RECIPES: dict[str, Recipe] = {
         "hlwq5_m", 104, 5, more_bits_for=("attn_v", "ffn_down", "output"),
         description="HLWQ5 with HLWQ6 for attn_v, ffn_down and the output projection",
     ),
+    "hlwq4_m": Recipe(
+        "hlwq4_m", 105, 4, more_bits_for=("attn_v", "ffn_down", "output"),
+        description="HLWQ4 with HLWQ6 for attn_v, ffn_down and the output projection",
+    ),
 }
 
 

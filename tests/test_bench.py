@@ -51,10 +51,22 @@ def test_sizes_are_real_file_sizes(quick_bench):
     assert 5.125 <= by_name["HLWQ5"].matrix_bpw <= 5.25 < by_name["HLWQ5_M"].matrix_bpw <= 6.25
 
 
-def test_imatrix_goes_to_the_k_quants_only(quick_bench):
+def test_imatrix_goes_to_every_quantized_variant(quick_bench):
     result, _ = quick_bench
-    assert all(v.imatrix == (v.family == "llama.cpp") for v in result.variants)
-    assert any("importance matrix" in note for note in result.notes)
+    assert all(v.imatrix == (v.family != "reference") for v in result.variants)
+    assert any("importance matrix" in note and "calibration text" in note for note in result.notes)
+    gguf = gguf_types.register()
+    for v in result.variants:
+        if v.family == "hlwq":  # the HLWQ variants use it through channel equalization
+            assert gguf.GGUFReader(v.file).fields["hlwq.equalize"].contents() == "imatrix"
+
+
+def test_hlwq_variant_names():
+    assert bench.parse_hlwq_variant("hlwq5") == ("hlwq5", False)
+    assert bench.parse_hlwq_variant("HLWQ4_M+eq") == ("hlwq4_m", True)
+    for bad in ("hlwq7", "hlwq5+fast", "q5_k_m"):
+        with pytest.raises(bench.BenchError, match="unknown HLWQ variant"):
+            bench.parse_hlwq_variant(bad)
 
 
 def test_fallbacks_are_counted_from_the_files(quick_bench):

@@ -86,11 +86,12 @@ def test_kl_divergence_bound(llama_build, smollm2_hlwq5, smollm2_f32_gguf, tmp_p
     assert hlwq.same_top_p > 75.0
 
 
-def test_llama_quantize_hlwq5_m_matches_converter(llama_build, smollm2_hf, smollm2_f32_gguf, tmp_path):
-    """llama-quantize's HLWQ5_M and the converter's hlwq5_m choose the same type for every tensor."""
-    quantized = llama_tools.llama_quantize(llama_build, smollm2_f32_gguf, tmp_path / "q.gguf", "HLWQ5_M")
+@pytest.mark.parametrize("recipe", ["hlwq5_m", "hlwq4_m"])
+def test_llama_quantize_mixed_recipe_matches_converter(llama_build, smollm2_hf, smollm2_f32_gguf, tmp_path, recipe):
+    """llama-quantize's HLWQ5_M/HLWQ4_M and the converter's recipe choose the same type for every tensor."""
+    quantized = llama_tools.llama_quantize(llama_build, smollm2_f32_gguf, tmp_path / "q.gguf", recipe.upper())
     assert quantized.fallbacks == 0
-    converted = convert_checkpoint(smollm2_hf, tmp_path / "c.gguf", recipe="hlwq5_m", quiet=True)
+    converted = convert_checkpoint(smollm2_hf, tmp_path / "c.gguf", recipe=recipe, quiet=True)
     gguf = gguf_types.register()
     types_q = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantized.output)).tensors}
     types_c = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(converted.output)).tensors}

@@ -1,6 +1,8 @@
 """Channel equalization (convert/equalize.py) on the real SmolLM2: exact in float, and it lowers HLWQ's KLD."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,9 @@ def test_equalization_lowers_hlwq5_kld(llama_build, smollm2_f32_gguf, smollm2_im
     convert_checkpoint(smollm2_f32_gguf, plain, "hlwq5", quiet=True)
     convert_checkpoint(smollm2_f32_gguf, weights, "hlwq5", quiet=True, equalize=True)
     convert_checkpoint(smollm2_f32_gguf, activations, "hlwq5", quiet=True, imatrix=smollm2_imatrix)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in (plain, weights, activations))
     sizes = {p.stat().st_size for p in (plain, weights, activations)}
     assert max(sizes) - min(sizes) < 4096  # the same types: only metadata differs
     kld = {p.stem: _kld(llama_build, p, kld_base) for p in (plain, weights, activations)}

@@ -10,8 +10,9 @@ scaled down; every layer kind of the real model occurs at least once, MTP blocks
 The vocabulary is SmolLM2's (49152 tokens, from the un-quantized test model) because the seed tokenizers are not
 available offline: as is for Qwen3.5, with GLM's four special tokens appended for GLM-4.7 (its converter looks
 them up), and re-spelled SentencePiece-style (U+2581 for spaces, <0xXX> byte fallback) for Gemma-4, whose
-converter and llama.cpp tokenizer ("gemma4") accept only that kind of BPE. Vision towers are not written: the
-text converter skips them and the mmproj conversion is a later step.
+converter and llama.cpp tokenizer ("gemma4") accept only that kind of BPE. Vision towers are written only when
+asked for (Gemma-4 `vision=True`: a 2-layer, 64-wide tower with the released tensor names); the text converter
+skips them and llama.cpp's mmproj converter reads them.
 """
 from __future__ import annotations
 
@@ -273,9 +274,49 @@ def _gemma4_config(vocab: int, text: dict) -> dict:
     }
 
 
+# Gemma-4's vision tower scaled down (real: hidden 1152, FFN 4304, 27 layers, 16 heads of 72); the patch size,
+# the 3x3 pooling and the position table (10240) stay as released, since libmtmd's gemma4v graph fixes them
+GEMMA4_TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 32}
+
+
+def _add_gemma4_vision_tower(folder: Path, config: dict, w: "_Weights") -> None:
+    """The vision tower and its projection into the text model, and the processor config the mmproj converter reads
+    image_mean/image_std from (the values of transformers' Gemma4ImageProcessor)."""
+    vision = config["vision_config"]
+    vision.update(GEMMA4_TINY_VISION)
+    hidden, ffn, patch, head_dim = (vision[k] for k in ("hidden_size", "intermediate_size", "patch_size", "head_dim"))
+    heads, kv_heads = vision["num_attention_heads"], vision["num_key_value_heads"]
+    v = "model.vision_tower."
+    w.matrix(v + "patch_embedder.input_proj.weight", hidden, 3 * patch * patch)
+    w.matrix(v + "patch_embedder.position_embedding_table", 2, vision["position_embedding_size"], hidden, std=0.02)
+    w.vector(v + "std_bias", hidden, center=0.0)
+    w.vector(v + "std_scale", hidden)
+    for i in range(vision["num_hidden_layers"]):
+        p = f"{v}encoder.layers.{i}."
+        w.matrix(p + "self_attn.q_proj.linear.weight", heads * head_dim, hidden)
+        w.matrix(p + "self_attn.k_proj.linear.weight", kv_heads * head_dim, hidden)
+        w.matrix(p + "self_attn.v_proj.linear.weight", kv_heads * head_dim, hidden)
+        w.matrix(p + "self_attn.o_proj.linear.weight", hidden, heads * head_dim)
+        w.vector(p + "self_attn.q_norm.weight", head_dim)
+        w.vector(p + "self_attn.k_norm.weight", head_dim)
+        w.matrix(p + "mlp.gate_proj.linear.weight", ffn, hidden)
+        w.matrix(p + "mlp.up_proj.linear.weight", ffn, hidden)
+        w.matrix(p + "mlp.down_proj.linear.weight", hidden, ffn)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            w.vector(p + norm + ".weight", hidden)
+    w.matrix("model.embed_vision.embedding_projection.weight", config["text_config"]["hidden_size"], hidden)
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Gemma4Processor", "image_seq_length": 280,
+        "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "do_normalize": False,
+                            "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "patch_size": patch,
+                            "pooling_kernel_size": vision["pooling_kernel_size"], "max_soft_tokens": 280}}, indent=1))
+
+
 def _write_tiny_gemma4(folder: Path, tokenizer_from: Path, seed: int, text_only: bool, hidden: int, ffn: int,
                        heads: int, kv_heads: int, global_kv_heads: int, experts: int = 0, top_k: int = 0,
-                       expert_ffn: int = 0) -> Path:
+                       expert_ffn: int = 0, vision: bool = False) -> Path:
     vocab = _write_gemma_style_tokenizer(folder, tokenizer_from)
     head_dim, global_head_dim = 256, 512
     # the real 5 sliding : 1 full pattern, cut to 3 : 1; a 128-token window so that it bites within the test context
@@ -332,6 +373,8 @@ def _write_tiny_gemma4(folder: Path, tokenizer_from: Path, seed: int, text_only:
             for norm in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"):
                 w.vector(p + norm + ".weight", hidden)
     w.vector("model.language_model.norm.weight", hidden)
+    if vision:
+        _add_gemma4_vision_tower(folder, config, w)
     if text_only:
         config = _text_only(config, "Gemma4ForCausalLM", w)
     _write_config(folder, config)
@@ -339,17 +382,19 @@ def _write_tiny_gemma4(folder: Path, tokenizer_from: Path, seed: int, text_only:
     return folder
 
 
-def write_tiny_gemma4_dense(folder: Path, tokenizer_from: Path, seed: int = 1, text_only: bool = False) -> Path:
+def write_tiny_gemma4_dense(folder: Path, tokenizer_from: Path, seed: int = 1, text_only: bool = False,
+                            vision: bool = False) -> Path:
     """Gemma-4-31B: dense, sliding (head 256) and full (head 512, K = V) attention, tied embeddings, softcap 30.
 
     Real: 60 layers, hidden 5376, FFN 21504, 32 heads, 16 KV heads (sliding) / 4 (full). Tiny: 4 layers, hidden
     256, FFN 2048, 4 heads, 2 / 1 KV heads.
     """
     return _write_tiny_gemma4(folder, tokenizer_from, seed, text_only, hidden=256, ffn=2048, heads=4, kv_heads=2,
-                              global_kv_heads=1)
+                              global_kv_heads=1, vision=vision)
 
 
-def write_tiny_gemma4_moe(folder: Path, tokenizer_from: Path, seed: int = 2, text_only: bool = False) -> Path:
+def write_tiny_gemma4_moe(folder: Path, tokenizer_from: Path, seed: int = 2, text_only: bool = False,
+                          vision: bool = False) -> Path:
     """Gemma-4-26B-A4B: every layer has a 2112-wide dense MLP beside 704-wide routed experts (fused gate_up).
 
     Real: 30 layers, hidden 2816, 16 heads, 8 KV heads (sliding) / 2 (full), 128 experts top-8. Tiny: 4 layers,
@@ -357,7 +402,7 @@ def write_tiny_gemma4_moe(folder: Path, tokenizer_from: Path, seed: int = 2, tex
     of 128, so the dense ffn_down and the expert ffn_down_exps rows take the 64-block HLWQ types, as in the real model.
     """
     return _write_tiny_gemma4(folder, tokenizer_from, seed, text_only, hidden=256, ffn=2112, heads=4, kv_heads=2,
-                              global_kv_heads=1, experts=8, top_k=2, expert_ffn=704)
+                              global_kv_heads=1, experts=8, top_k=2, expert_ffn=704, vision=vision)
 
 
 # --------------------------------------------------------------------------------------------------- GLM-4.7-Flash
