@@ -37,6 +37,7 @@ class ConversionReport:
     equalized_tensors: int = 0
     # the vision projector written beside the output (None: the checkpoint has no vision tower)
     mmproj: Path | None = None
+    mmproj_error: str | None = None
 
     @property
     def mweights_per_second(self) -> float:
@@ -49,8 +50,10 @@ IMATRIX_CHUNKS = 32
 
 
 def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatrix: str | Path | None,
-                  threads: int | None, quiet: bool, work_dir: Path | None = None) -> ConversionReport:
-    """The full-precision GGUF path (convert/requantize.py), computing the importance matrix first for "auto"."""
+                  threads: int | None, quiet: bool, work_dir: Path | None = None,
+                  target_bpw: float | None = None) -> ConversionReport:
+    """The full-precision GGUF path (convert/requantize.py), computing the importance matrix first for "auto"
+    and the bits per tensor for a target size (convert/allocate.py)."""
     import time
 
     from hlwq_gguf import llama_tools, textdata
@@ -65,8 +68,15 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
             imatrix = llama_tools.imatrix(builder.ensure_build(), source, textdata.calibration_text_file(),
                                           Path(work_dir or scratch) / "imatrix.gguf", chunks=IMATRIX_CHUNKS,
                                           threads=threads)
-        stats = requantize_gguf(source, output, recipe, imatrix=Path(imatrix) if imatrix else None,
-                                equalize=equalize, threads=threads, quiet=quiet)
+        imatrix = Path(imatrix) if imatrix else None
+        bits_for = None
+        if target_bpw is not None:
+            from .allocate import allocate
+
+            recipe, bits_for, _ = allocate(source, target_bpw, imatrix=imatrix, equalize=equalize, threads=threads,
+                                           log=(lambda *_: None) if quiet else print)
+        stats = requantize_gguf(source, output, recipe, imatrix=imatrix, equalize=equalize, threads=threads,
+                                quiet=quiet, bits_for=bits_for)
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=time.time() - started, tensor_types=stats["types"],
@@ -76,7 +86,8 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
 def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
                        verbose: bool = False, threads: int | None = None, codebook: str | None = None,
                        keep_unquantized: bool = False, equalize: bool = False,
-                       imatrix: str | Path | None = None, mmproj: bool | None = None) -> ConversionReport:
+                       imatrix: str | Path | None = None, mmproj: bool | None = None,
+                       target_bpw: float | None = None) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
 
     A checkpoint with a vision tower also gets its projector, `mmproj-<output stem>-f16.gguf` beside `output`, in
@@ -88,17 +99,25 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
         checkpoint = load_checkpoint(polarquant.code_folder(resolve(source)))
         if mmproj and not checkpoint.has_vision_tower:
             raise ConversionError(f"{checkpoint.path}: no vision tower weights, so no projector (mmproj) to write")
-    report = _convert(source, output, recipe, quiet, verbose, threads, codebook, keep_unquantized, equalize, imatrix)
+    report = _convert(source, output, recipe, quiet, verbose, threads, codebook, keep_unquantized, equalize, imatrix,
+                      target_bpw)
     if checkpoint is None or not checkpoint.has_vision_tower:
         return report
-    report.mmproj = report.output.with_name(f"mmproj-{report.output.stem}-f16.gguf")
-    reference_gguf(checkpoint.path, report.mmproj, "f16", mmproj=True)
+    projector = report.output.with_name(f"mmproj-{report.output.stem}-f16.gguf")
+    try:
+        reference_gguf(checkpoint.path, projector, "f16", mmproj=True)
+    except ConversionError as e:
+        if mmproj:  # asked for explicitly
+            raise
+        report.mmproj_error = str(e)  # the text model stands on its own; the caller warns
+        return report
+    report.mmproj = projector
     return report
 
 
 def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, verbose: bool, threads: int | None,
              codebook: str | None, keep_unquantized: bool, equalize: bool,
-             imatrix: str | Path | None) -> ConversionReport:
+             imatrix: str | Path | None, target_bpw: float | None = None) -> ConversionReport:
     """The text model of `source` to an HLWQ GGUF at `output`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
@@ -111,8 +130,9 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
 
     `equalize` applies convert/equalize.py's function-preserving channel scales before coding, estimated from the
     weights; `imatrix` (a llama-imatrix GGUF, or "auto" to compute one on the calibration text) estimates them from
-    activations instead and implies `equalize`. Both take the full-precision GGUF path (convert/requantize.py).
-    A full-precision GGUF `source` always takes that path.
+    activations instead and implies `equalize`. `target_bpw` replaces `recipe` by measured bits per tensor for
+    that many bits per quantized-matrix weight (convert/allocate.py). These take the full-precision GGUF path
+    (convert/requantize.py), which a full-precision GGUF `source` always takes.
     """
     if recipe not in recipes.RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
@@ -122,17 +142,18 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).expanduser().is_file():
         raise ConversionError(f"{imatrix}: no such importance-matrix file (give a llama-imatrix GGUF or 'auto')")
     if str(source).endswith(".gguf"):
-        return _convert_gguf(Path(source).expanduser(), output, recipe, equalize, imatrix, threads, quiet)
+        return _convert_gguf(Path(source).expanduser(), output, recipe, equalize, imatrix, threads, quiet,
+                             target_bpw=target_bpw)
     model_dir = polarquant.code_folder(resolve(source))
     polarquant.refuse_codeless(model_dir)
     import_format = polarquant.detect(model_dir) if (model_dir / "config.json").is_file() else None
     checkpoint = load_checkpoint(model_dir)
     if import_format:
-        if equalize or imatrix is not None:
-            raise ConversionError(f"{model_dir}: a code checkpoint is imported as it is; --equalize/--imatrix "
-                                  "apply only to full-precision checkpoints")
+        if equalize or imatrix is not None or target_bpw is not None:
+            raise ConversionError(f"{model_dir}: a code checkpoint is imported as it is; --equalize/--imatrix/"
+                                  "--target-bpw apply only to full-precision checkpoints")
         polarquant.load(model_dir, codebook)  # every layout and shape problem surfaces here, before any output
-    elif equalize or imatrix is not None:
+    elif equalize or imatrix is not None or target_bpw is not None:
         if not checkpoint.architectures:
             raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
         with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
@@ -140,7 +161,8 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
             # F32 keeps F16 checkpoints exact; large BF16 ones go through BF16, which holds them exactly too
             small = sum(p.stat().st_size for p in checkpoint.safetensors) < FULL_PRECISION_F32_LIMIT
             reference_gguf(model_dir, full, "f32" if small else "bf16")
-            return _convert_gguf(full, output, recipe, equalize, imatrix, threads, quiet, work_dir=Path(work))
+            return _convert_gguf(full, output, recipe, equalize, imatrix, threads, quiet, work_dir=Path(work),
+                                 target_bpw=target_bpw)
     if not checkpoint.architectures:
         raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
     tree = upstream.patched_tree()

@@ -35,10 +35,12 @@ def _hparams(reader, architecture: str) -> dict:
 
 
 def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *, imatrix: Path | None = None,
-                    equalize: bool = False, threads: int | None = None, quiet: bool = False) -> dict:
+                    equalize: bool = False, threads: int | None = None, quiet: bool = False,
+                    bits_for: dict[str, int] | None = None) -> dict:
     """Code the matrices of the full-precision GGUF `source` with `recipe` into `output` (written atomically).
 
-    `recipe` None keeps every tensor's type (an equalized full-precision GGUF, e.g. for llama-quantize).
+    `bits_for` (tensor name -> HLWQ bits) overrides the recipe's bit width per tensor; the block size still
+    follows the row width (recipes.tensor_type). `recipe` None keeps every tensor's type (an equalized full-precision GGUF, e.g. for llama-quantize).
     With `equalize` (implied by `imatrix`) the per-channel scales of convert/equalize.py are applied first, from
     the importance matrix when given, else from the weights alone. Returns {"types": {type: count},
     "weights": n, "seconds": s, "equalized": n_tensors}.
@@ -101,6 +103,8 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row) first
             type_name = recipes.tensor_type(recipe_def, t.name, shape, tied_embeddings=tied) if recipe_def else None
+            if type_name is not None and bits_for and t.name in bits_for:
+                type_name = recipes.tensor_type(recipes.Recipe("", 0, bits_for[t.name]), t.name, shape)
             plan.append((t, shape, type_name))
             if type_name is None:  # in its own type (an equalized one is re-encoded in it)
                 writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)

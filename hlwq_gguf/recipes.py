@@ -71,7 +71,10 @@ _NEVER_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
 
 def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     """Whether llama.cpp would quantize this GGUF tensor at all (2-D/3-D weights that are not norms, routers...)."""
-    if len(shape) < 2 or not name.endswith("weight"):
+    # ggml_n_dims: trailing ggml dimensions of 1 (leading ones in numpy order) do not count, so a [1, n]
+    # matrix such as Qwen's ffn_gate_inp_shexp is a vector to llama-quantize and stays unquantized
+    leading_ones = next((i for i, d in enumerate(shape) if d != 1), len(shape))
+    if len(shape) - leading_ones < 2 or not name.endswith("weight"):
         return False
     if name in _NEVER_QUANTIZED_EXACT:
         return False

@@ -1,7 +1,7 @@
 """The MoE placement planner and the tensor-override plumbing (issue #6), on CPU.
 
-The planner runs on real GGUF metadata: the tiny Gemma-4-26B-A4B and GLM-4.7-Flash replicas of tiny_seeds.py,
-converted to HLWQ5. Its KV-cache sizes are checked against llama.cpp's own report and its compute-buffer
+The planner runs on real GGUF metadata: the tiny Gemma-4-26B-A4B, GLM-4.7-Flash and Qwen3.5-35B-A3B replicas of
+tiny_seeds.py, converted to HLWQ5. Its KV-cache sizes are checked against llama.cpp's own report and its compute-buffer
 estimate against llama.cpp's CPU compute buffer. The overrides are proven on the CPU build: llama.cpp's verbose
 log must name every planned expert tensor as overridden to CPU, and the logits must not change.
 """
@@ -19,9 +19,9 @@ from convert import convert_checkpoint
 from hlwq_gguf import plan as planner
 from hlwq_gguf import runtime
 from hlwq_gguf.cli import main as cli_main
-from tiny_seeds import SEED_FAMILIES
+from tiny_seeds import MOE_TEST_FAMILIES
 
-MOE_FAMILIES = ("gemma-4-26b-a4b", "glm-4.7-flash")
+MOE_FAMILIES = tuple(MOE_TEST_FAMILIES)  # gemma-4-26b-a4b, glm-4.7-flash, qwen3.5-35b-a3b
 MiB = 2**20
 KV_LOG = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB")
 COMPUTE_LOG = re.compile(r"CPU compute buffer size =\s*([\d.]+) MiB")
@@ -38,7 +38,7 @@ class MoeModel:
 @pytest.fixture(scope="module", params=MOE_FAMILIES)
 def moe(request, smollm2_hf, tmp_path_factory) -> MoeModel:
     root = tmp_path_factory.mktemp(request.param)
-    folder = SEED_FAMILIES[request.param](root / "hf", smollm2_hf)
+    folder = MOE_TEST_FAMILIES[request.param](root / "hf", smollm2_hf)
     gguf = convert_checkpoint(folder, root / "hlwq5.gguf", recipe="hlwq5", quiet=True).output
     return MoeModel(request.param, Path(gguf), planner.read_layout(gguf))
 
@@ -72,17 +72,32 @@ def test_parse_size():
 
 def test_layout_classifies_experts(moe):
     """Routed experts (*_exps, including Gemma-4's per-expert scale) per MoE layer; shared experts are not
-    routed; GLM's MTP layer is left out (llama.cpp does not load it by default)."""
+    routed; GLM's and Qwen3.5's MTP layers are left out (llama.cpp does not load them by default); Qwen3.5's
+    DeltaNet layers are recurrent (no KV cache) and its shared-expert gate is neither a routed nor a shared expert."""
     L = moe.layout
     experts = L.expert_bytes_by_layer()
     if moe.family == "gemma-4-26b-a4b":
         assert list(experts) == [0, 1, 2, 3] and L.tied_output and L.n_swa == 128
         assert any(t.name == "blk.0.ffn_down_exps.scale" and t.is_routed_expert for t in L.tensors)
-    else:
+    elif moe.family == "glm-4.7-flash":
         assert list(experts) == [1] and L.n_layer == 2 and L.n_layer_all == 3 and L.mtp_bytes > 0
         assert all(t.layer != 2 for t in L.tensors)
         shexp = [t for t in L.tensors if "shexp" in t.name]
         assert shexp and all(t.is_shared_expert and not t.is_routed_expert for t in shexp)
+    else:
+        assert moe.family == "qwen3.5-35b-a3b"
+        assert list(experts) == [0, 1, 2, 3] and L.n_layer == 4 and L.n_layer_all == 5 and L.mtp_bytes > 0
+        assert all(t.layer != 4 for t in L.tensors)
+        assert L.recurrent_layers == [0, 1, 2] and [a.index for a in L.attention] == [3]
+        assert (L.n_expert, L.n_expert_used, L.n_ff_expert, L.n_ff) == (8, 2, 320, 0)
+        for il in experts:
+            names = {t.name for t in L.tensors if t.layer == il}
+            assert {f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")} <= names
+            assert {f"blk.{il}.ffn_{k}_shexp.weight" for k in ("gate", "up", "down", "gate_inp")} <= names
+        routed = {t.name.split(".")[2] for t in L.tensors if t.is_routed_expert}
+        shared = {t.name.split(".")[2] for t in L.tensors if t.is_shared_expert}
+        assert routed == {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+        assert shared == {"ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"}  # not the ffn_gate_inp_shexp gate
     assert all(b > 0 for b in experts.values())
 
 
@@ -222,3 +237,18 @@ def test_bad_overrides(llama_build):
     ok = runtime.tensor_overrides({r"\.ffn_up_exps": "CPU", r"\.ffn_down_exps": "cpu"})
     assert [e[0] for e in ok.entries] == [r"\.ffn_up_exps", r"\.ffn_down_exps"]
     assert ok.array[2].pattern is None and ok.array[2].buft is None  # the {NULL, NULL} terminator
+
+
+def test_converter_types_match_llama_quantize(llama_build, moe, tmp_path):
+    """The converter's hlwq5 and llama-quantize's HLWQ5 choose the same type for every tensor of every MoE family
+    (Qwen's [1, n] shared-expert gate is a vector to llama.cpp and stays F32)."""
+    from convert.reference import reference_gguf
+    from hlwq_gguf import gguf_types, llama_tools
+
+    folder = moe.gguf.parent / "hf"
+    f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
+    quantized = llama_tools.llama_quantize(llama_build, f32, tmp_path / "q.gguf", "HLWQ5")
+    gguf = gguf_types.register()
+    types_q = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantized.output)).tensors}
+    types_c = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(moe.gguf)).tensors}
+    assert types_q == types_c

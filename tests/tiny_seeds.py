@@ -13,6 +13,9 @@ them up), and re-spelled SentencePiece-style (U+2581 for spaces, <0xXX> byte fal
 converter and llama.cpp tokenizer ("gemma4") accept only that kind of BPE. Vision towers are written only when
 asked for (Gemma-4 `vision=True`: a 2-layer, 64-wide tower with the released tensor names); the text converter
 skips them and llama.cpp's mmproj converter reads them.
+
+Beside the seed models (SEED_FAMILIES), MOE_TEST_FAMILIES adds a Qwen3.5-35B-A3B replica (Qwen3.5's hybrid stack
+with a routed + shared-expert MoE block in every layer) for the tests of MoE features such as the placement planner.
 """
 from __future__ import annotations
 
@@ -168,31 +171,94 @@ def write_tiny_qwen3_5(folder: Path, tokenizer_from: Path, seed: int = 0, text_o
     Tiny: hidden 256, FFN 1024, 6 Q / 1 KV heads of 256, DeltaNet 2 K / 6 V heads of 128 (same 3:1 grouping).
     text_only: the Qwen3_5ForCausalLM layout that text-only fine-tunes are saved in.
     """
+    ffn = 1024
+
+    def dense_mlp(w: _Weights, p: str, hidden: int) -> None:
+        w.matrix(p + "mlp.gate_proj.weight", ffn, hidden)
+        w.matrix(p + "mlp.up_proj.weight", ffn, hidden)
+        w.matrix(p + "mlp.down_proj.weight", hidden, ffn)
+
+    return _write_tiny_qwen3_5_stack(folder, tokenizer_from, seed, text_only, heads=6, v_heads=6,
+                                     mlp_config={"intermediate_size": ffn}, mlp=dense_mlp, moe=False)
+
+
+def write_tiny_qwen3_5_moe(folder: Path, tokenizer_from: Path, seed: int = 4, text_only: bool = False) -> Path:
+    """Qwen3.5-35B-A3B: Qwen3.5's hybrid DeltaNet / gated-attention stack with a sparse MoE block in every layer.
+
+    Every layer's MLP (the MTP block's too) is a router (mlp.gate), routed experts stored fused as released
+    (mlp.experts.gate_up_proj [experts, 2 x width, hidden] and mlp.experts.down_proj [experts, hidden, width]; the
+    converter splits gate_up into ffn_gate_exps / ffn_up_exps), one shared expert (mlp.shared_expert.*) and its
+    sigmoid gate (mlp.shared_expert_gate, one row). There is no dense FFN and no intermediate_size key.
+    Real: 40 layers (every 4th full attention), hidden 2048, 16 Q / 2 KV heads of 256 with an output gate,
+    DeltaNet 16 K / 32 V heads of 128, 256 experts top-8 of width 512, shared expert 512, one MTP layer.
+    Tiny: hidden 256, 8 Q / 1 KV heads of 256, DeltaNet 2 K / 4 V heads of 128 (same 2:1 grouping), 8 experts
+    top-2 of width 320 and a shared expert of width 192: both multiples of 64 but not of 128, so ffn_down_exps and
+    ffn_down_shexp take the 64-block HLWQ types, and the two widths differ so that the converter's and llama.cpp's
+    expert vs shared-expert lengths cannot be swapped unnoticed.
+    text_only: the Qwen3_5MoeForCausalLM layout that text-only fine-tunes are saved in, the one that converts
+    with SmolLM2's vocabulary. Its model_type is not the released "qwen3_5_moe_text": for every qwen3_5_moe*
+    model type transformers' AutoTokenizer ignores tokenizer.json's pre-tokenizer (Qwen3_5Tokenizer re-builds
+    Qwen's), and llama.cpp's converter rejects the resulting hash. An unregistered model_type makes both
+    AutoTokenizer and the converter read the files as written; the converter dispatches on `architectures` and
+    never reads model_type. (Dense Qwen3.5's "qwen3_5_text" has no such override, but borrowing it would let
+    AutoConfig add its default intermediate_size, 12288, as a feed_forward_length this MoE model does not have.)
+    """
+    experts, top_k, expert_ffn, shared_ffn = 8, 2, 320, 192
+    mlp_config = {"moe_intermediate_size": expert_ffn, "num_experts": experts, "num_experts_per_tok": top_k,
+                  "output_router_logits": False, "router_aux_loss_coef": 0.001,
+                  "shared_expert_intermediate_size": shared_ffn}
+
+    def moe_mlp(w: _Weights, p: str, hidden: int) -> None:
+        w.matrix(p + "mlp.gate.weight", experts, hidden)
+        w.matrix(p + "mlp.experts.gate_up_proj", experts, 2 * expert_ffn, hidden)
+        w.matrix(p + "mlp.experts.down_proj", experts, hidden, expert_ffn)
+        w.matrix(p + "mlp.shared_expert.gate_proj.weight", shared_ffn, hidden)
+        w.matrix(p + "mlp.shared_expert.up_proj.weight", shared_ffn, hidden)
+        w.matrix(p + "mlp.shared_expert.down_proj.weight", hidden, shared_ffn)
+        w.matrix(p + "mlp.shared_expert_gate.weight", 1, hidden)
+
+    return _write_tiny_qwen3_5_stack(folder, tokenizer_from, seed, text_only, heads=8, v_heads=4,
+                                     mlp_config=mlp_config, mlp=moe_mlp, moe=True,
+                                     text_only_model_type="tiny_qwen3_5_moe_text")
+
+
+def _write_tiny_qwen3_5_stack(folder: Path, tokenizer_from: Path, seed: int, text_only: bool, *, heads: int,
+                              v_heads: int, mlp_config: dict, mlp, moe: bool,
+                              text_only_model_type: str | None = None) -> Path:
+    """The Qwen3.5 text stack shared by the dense and MoE builders: 3 DeltaNet + 1 full-attention layer + MTP.
+
+    `mlp_config` holds the MLP's config keys (placed where the dense config has intermediate_size) and
+    `mlp(w, prefix, hidden)` writes one layer's MLP weights; `text_only_model_type` replaces the text config's
+    model_type in the text-only layout.
+    """
     vocab = _copy_tokenizer(folder, tokenizer_from)
-    hidden, ffn, heads, kv_heads, head_dim = 256, 1024, 6, 1, 256
-    k_heads, v_heads, k_dim, v_dim, conv_kernel = 2, 6, 128, 128, 4
+    hidden, kv_heads, head_dim = 256, 1, 256
+    k_heads, k_dim, v_dim, conv_kernel = 2, 128, 128, 4
     layer_types = ["linear_attention"] * 3 + ["full_attention"]
     text_config = {
         "attention_bias": False, "attention_dropout": 0.0, "attn_output_gate": True, "dtype": "bfloat16",
         "eos_token_id": 2, "full_attention_interval": 4, "head_dim": head_dim, "hidden_act": "silu",
-        "hidden_size": hidden, "initializer_range": 0.02, "intermediate_size": ffn, "layer_types": layer_types,
+        "hidden_size": hidden, "initializer_range": 0.02, **mlp_config, "layer_types": layer_types,
         "linear_conv_kernel_dim": conv_kernel, "linear_key_head_dim": k_dim, "linear_num_key_heads": k_heads,
         "linear_num_value_heads": v_heads, "linear_value_head_dim": v_dim, "max_position_embeddings": 262144,
-        "mlp_only_layers": [], "model_type": "qwen3_5_text", "mtp_num_hidden_layers": 1,
+        "mlp_only_layers": [], "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
+        "mtp_num_hidden_layers": 1,
         "mtp_use_dedicated_embeddings": False, "num_attention_heads": heads, "num_hidden_layers": len(layer_types),
         "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-06, "use_cache": True, "vocab_size": vocab,
         "mamba_ssm_dtype": "float32",
         "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_type": "default",
                             "rope_theta": 10000000, "partial_rotary_factor": 0.25},
     }
+    model_type = "qwen3_5_moe" if moe else "qwen3_5"
     config = {
-        "architectures": ["Qwen3_5ForConditionalGeneration"], "image_token_id": vocab - 3, "model_type": "qwen3_5",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+        "image_token_id": vocab - 3, "model_type": model_type,
         "text_config": text_config, "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0",
         "video_token_id": vocab - 2,
         # the vision tower's config is kept (the text converter ignores it); its weights are not written
         "vision_config": {"deepstack_visual_indexes": [], "depth": 27, "hidden_act": "gelu_pytorch_tanh",
                           "hidden_size": 1152, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4304,
-                          "model_type": "qwen3_5", "num_heads": 16, "num_position_embeddings": 2304,
+                          "model_type": model_type, "num_heads": 16, "num_position_embeddings": 2304,
                           "out_hidden_size": hidden, "patch_size": 16, "spatial_merge_size": 2,
                           "temporal_patch_size": 2},
         "vision_end_token_id": vocab - 4, "vision_start_token_id": vocab - 5,
@@ -203,9 +269,7 @@ def write_tiny_qwen3_5(folder: Path, tokenizer_from: Path, seed: int = 0, text_o
         # Qwen3.5 RMSNorms compute x * (1 + weight): the stored weights sit around 0 (the converter adds the 1)
         w.vector(p + "input_layernorm.weight", hidden, center=0.0)
         w.vector(p + "post_attention_layernorm.weight", hidden, center=0.0)
-        w.matrix(p + "mlp.gate_proj.weight", ffn, hidden)
-        w.matrix(p + "mlp.up_proj.weight", ffn, hidden)
-        w.matrix(p + "mlp.down_proj.weight", hidden, ffn)
+        mlp(w, p, hidden)
 
     def full_attention(p: str) -> None:
         w.matrix(p + "self_attn.q_proj.weight", 2 * heads * head_dim, hidden)  # query and output gate
@@ -244,7 +308,10 @@ def write_tiny_qwen3_5(folder: Path, tokenizer_from: Path, seed: int = 0, text_o
     attention_and_mlp("mtp.layers.0.")
     full_attention("mtp.layers.0.")
     if text_only:
-        config = _text_only(config, "Qwen3_5ForCausalLM", w)
+        causal_lm = "Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM"
+        config = _text_only(config, causal_lm, w)
+        if text_only_model_type:
+            config["model_type"] = text_only_model_type
     _write_config(folder, config)
     w.save(folder)
     return folder
@@ -476,4 +543,13 @@ SEED_FAMILIES = {
     "gemma-4-31b": write_tiny_gemma4_dense,
     "gemma-4-26b-a4b": write_tiny_gemma4_moe,
     "glm-4.7-flash": write_tiny_glm4_moe_lite,
+}
+
+# every MoE replica: the seed MoE models and Qwen3.5-35B-A3B, which is not a seed model (SEED_FAMILIES' tests hold
+# per-seed expectations and the README's size estimates)
+MOE_TEST_FAMILIES = {
+    "gemma-4-26b-a4b": write_tiny_gemma4_moe,
+    "glm-4.7-flash": write_tiny_glm4_moe_lite,
+    # text-only layout: see write_tiny_qwen3_5_moe for why the ConditionalGeneration one cannot carry SmolLM2's vocab
+    "qwen3.5-35b-a3b": lambda folder, tokenizer_from: write_tiny_qwen3_5_moe(folder, tokenizer_from, text_only=True),
 }

@@ -26,12 +26,15 @@ from hlwq_gguf import recipes, upstream
 @click.option("--imatrix", metavar="FILE|auto", default=None,
               help="Equalize from activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the "
                    "calibration text (text the benchmarks never score). Implies --equalize.")
+@click.option("--target-bpw", type=float, default=None, metavar="BPW",
+              help="Instead of --type: HLWQ bits per tensor for this many bits per quantized-matrix weight, from the "
+                   "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")
 @click.option("--mmproj/--no-mmproj", default=None,
               help="Write the vision projector (F16) beside OUTPUT as mmproj-<name>-f16.gguf. Default: when the "
                    "checkpoint has vision tower weights.")
 def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None,
             codebook: str | None, keep_unquantized: bool, equalize: bool, imatrix: str | None,
-            mmproj: bool | None) -> None:
+            mmproj: bool | None, target_bpw: float | None) -> None:
     """Convert SOURCE (a checkpoint folder, Hugging Face hub id or full-precision GGUF) to OUTPUT (.gguf).
 
     A BF16/F16 checkpoint is quantized; a PolarQuant/HLWQ code checkpoint is imported with its codes copied bit for bit.
@@ -39,7 +42,8 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
     try:
         report = convert_checkpoint(source, output, recipe=recipe.lower(), quiet=quiet, verbose=verbose,
                                     threads=threads, codebook=codebook, keep_unquantized=keep_unquantized,
-                                    equalize=equalize, imatrix=imatrix, mmproj=mmproj)
+                                    equalize=equalize, imatrix=imatrix, mmproj=mmproj,
+                                    target_bpw=target_bpw)
     except (ConversionError, upstream.UpstreamError) as e:
         raise click.ClickException(str(e)) from None
     if report.import_format:
@@ -53,5 +57,7 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
                            f"({entry['reason'] or 'changed by the model converter'}), added relative RMS error {entry['added_rel_rms']:.2e}")
     if report.equalized_tensors:
         click.echo(f"channel equalization changed {report.equalized_tensors} tensors (exact in float)")
+    if report.mmproj_error:
+        click.echo(f"warning: no vision projector written: {report.mmproj_error}", err=True)
     if report.mmproj:
         click.echo(f"vision projector: {report.mmproj} (F16; use it with llama-mtmd-cli --mmproj)")
