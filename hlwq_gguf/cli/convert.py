@@ -55,6 +55,8 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
             if entry["reason"] is not None or entry["copied"] < entry["blocks"]:
                 click.echo(f"  {entry['name']}: {entry['blocks'] - entry['copied']} blocks encoded as {entry['type']} "
                            f"({entry['reason'] or 'changed by the model converter'}), added relative RMS error {entry['added_rel_rms']:.2e}")
+    types = ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_types.items()))
+    click.echo(f"wrote {report.output} ({report.bytes / 1e6:.1f} MB; {types or 'no tensor quantized'})")
     if report.equalized_tensors:
         click.echo(f"channel equalization changed {report.equalized_tensors} tensors (exact in float)")
     if report.mmproj_error:
