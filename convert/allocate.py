@@ -63,11 +63,14 @@ def _row_bytes(name: str, shape: tuple[int, ...], bits: int) -> int:
 
 def solve(gains: list[CategoryGain], budget_bytes: int, tensor_order: dict[str, list[str]],
           extra_bytes_of: dict[str, int]) -> set[str]:
-    """The tensors that get b + 1 bits: whole categories by gain per byte, then part of the next one that fits."""
+    """The tensors that get b + 1 bits: whole categories by gain per byte, then part of the next one that fits.
+
+    Categories whose measured gain is not positive (within the noise of a few chunks) come last but still take
+    what budget is left: the size asked for is what the file gets.
+    """
     upgraded: set[str] = set()
     left = budget_bytes
-    for gain in sorted((g for g in gains if g.kld_gain > 0), key=lambda g: g.kld_gain / max(g.extra_bytes, 1),
-                       reverse=True):
+    for gain in sorted(gains, key=lambda g: g.kld_gain / max(g.extra_bytes, 1), reverse=True):
         if gain.extra_bytes <= left:
             upgraded.update(gain.tensors)
             left -= gain.extra_bytes

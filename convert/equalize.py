@@ -12,9 +12,10 @@ The 1/s goes where the graph already multiplies by a per-channel weight, so no g
 - the rows of ffn_up for ffn_down (the GLU multiplies act(gate x) by up x element-wise);
 - the rows of attn_v (and its bias) for attn_output, one scale per kv head shared by the q heads of its group.
 
-a_j comes from llama-imatrix (`in_sum2 / counts`) or, without one, from the weights alone: the norm gain squared
-for a norm's consumers, and the expected squared activation through gate/up and v for ffn_down and attn_output
-with a unit-variance normalised input.
+a_j comes from llama-imatrix (`in_sum2 / counts`) or, without one and for llama only, from the weights alone: the
+norm gain squared for a norm's consumers, and the expected squared activation through gate/up and v for ffn_down
+and attn_output with a unit-variance normalised input (an estimate that fails on Gemma-3, see
+WEIGHTS_ONLY_ARCHITECTURES).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from .source import ConversionError
 # llama.cpp architectures whose blocks are exactly "RMSNorm -> q/k/v, attention without a norm on v ->
 # attn_output; RMSNorm -> gate/up, act(gate) * up -> ffn_down" (checked against their llama.cpp graphs)
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+# where the weights-only estimate was measured to help. Gemma-3's norm gains (up to 84) track its activations
+# poorly (log-correlation 0.46 with the imatrix), and equalizing from them made HLWQ5's KLD 4x worse on
+# Gemma-3-270M (0.338 vs 0.082) while the imatrix version lowers it; SmolLM2 (llama): 0.090 vs 0.107
+WEIGHTS_ONLY_ARCHITECTURES = ("llama",)
 # a channel's scale stays within this factor of the geometric mean, so that a dead channel (a_j = 0) or an
 # empty column cannot send a norm gain to 0 or inf
 MAX_SCALE_RATIO = 64.0
@@ -98,6 +103,9 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"channel equalization is not available for architecture {architecture!r} "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    if not imatrix and architecture not in WEIGHTS_ONLY_ARCHITECTURES:
+        raise ConversionError(f"equalization from the weights alone is not reliable for architecture "
+                              f"{architecture!r} (measured worse than none on Gemma-3); give --imatrix FILE|auto")
     n_head, n_head_kv = hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
     result = Plan(source="imatrix" if imatrix else "weights")
 

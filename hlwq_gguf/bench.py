@@ -22,7 +22,7 @@ from . import build as builder
 from . import gguf_stats, llama_tools, models, paths, recipes, textdata
 
 LLAMA_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS", "Q3_K_M")
-HLWQ_RECIPES = ("hlwq6", "hlwq5_m+eq", "hlwq5_m", "hlwq5+eq", "hlwq5", "hlwq4_m+eq", "hlwq4_m", "hlwq4", "hlwq3")
+HLWQ_RECIPES = ("hlwq6", "hlwq5_m", "hlwq5", "hlwq4_m", "hlwq4", "hlwq3")
 QUICK_LLAMA_QUANTS = ("Q5_K_M", "Q4_K_M")
 QUICK_HLWQ_RECIPES = ("hlwq5_m", "hlwq5")
 BASELINE = "Q5_K_M"

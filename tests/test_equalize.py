@@ -88,6 +88,8 @@ def test_plain_gguf_path_matches_the_checkpoint_path(smollm2_f32_gguf, smollm2_h
 def test_unsupported_architecture_and_bad_inputs_are_refused(smollm2_f32_gguf, tmp_path):
     with pytest.raises(ConversionError, match="not available for architecture 'deepseek2'"):
         equalizer.plan("deepseek2", {}, {"block_count": 1})
+    with pytest.raises(ConversionError, match="weights alone is not reliable for architecture 'gemma3'"):
+        equalizer.plan("gemma3", {}, {"block_count": 1})
     bogus = tmp_path / "bogus.imatrix.gguf"
     bogus.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 7)
     out = tmp_path / "out.gguf"

@@ -22,7 +22,8 @@ from hlwq_gguf import recipes, upstream
               help="Code checkpoints: keep the tensors the checkpoint left unquantized in BF16 instead of applying --type.")
 @click.option("--equalize", is_flag=True,
               help="Scale input channels before coding and undo it in the preceding norm, up or v weights (exact in "
-                   "float; no graph change), estimated from the weights alone.")
+                   "float; no graph change), estimated from the weights alone: llama architectures only (it hurts "
+                   "Gemma-3); --imatrix is better everywhere.")
 @click.option("--imatrix", metavar="FILE|auto", default=None,
               help="Equalize from activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the "
                    "calibration text (text the benchmarks never score). Implies --equalize.")
