@@ -96,7 +96,9 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
     """
     checkpoint = None
     if mmproj is not False and not str(source).endswith(".gguf"):
-        checkpoint = load_checkpoint(polarquant.code_folder(resolve(source)))
+        model_dir = polarquant.code_folder(resolve(source))
+        polarquant.refuse_codeless(model_dir)  # its message names the release, before any generic complaint
+        checkpoint = load_checkpoint(model_dir)
         if mmproj and not checkpoint.has_vision_tower:
             raise ConversionError(f"{checkpoint.path}: no vision tower weights, so no projector (mmproj) to write")
     report = _convert(source, output, recipe, quiet, verbose, threads, codebook, keep_unquantized, equalize, imatrix,

@@ -26,8 +26,8 @@ def test_solve_buys_the_best_gain_per_byte_then_fills_with_part_of_a_category():
              allocator.CategoryGain("attn_k", ["k0", "k1"], 10, -0.0001)]      # no gain (noise): bought last
     extra = {"v0": 10, "v1": 10, "d0": 50, "d1": 50, "q0": 30, "q1": 30, "k0": 5, "k1": 5}
     order = {"attn_v": ["v0", "v1"], "ffn_down": ["d0", "d1"], "attn_q": ["q0", "q1"], "attn_k": ["k0", "k1"]}
-    assert allocator.solve(gains, 19, order, extra) == {"v0"}
-    assert allocator.solve(gains, 80, order, extra) == {"v0", "v1", "d0"}
+    assert allocator.solve(gains, 19, order, extra) == {"v0", "k0"}
+    assert allocator.solve(gains, 80, order, extra) == {"v0", "v1", "d0", "k0", "k1"}
     assert allocator.solve(gains, 150, order, extra) == {"v0", "v1", "d0", "d1", "q0"}
     assert allocator.solve(gains, 185, order, extra) == {"v0", "v1", "d0", "d1", "q0", "q1", "k0"}
     assert allocator.solve(gains, 1000, order, extra) == set(extra)
