@@ -97,7 +97,7 @@ def allocate(source: Path, target_bpw: float, *, imatrix: Path | None, equalize:
     bits = base_bits(target_bpw)
     recipe = f"hlwq{bits}"
     reader = gguf.GGUFReader(source)
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    shapes = {t.name: gguf_types.numpy_shape(t) for t in reader.tensors}
     tied = "output.weight" not in shapes
     quantized = {n: s for n, s in shapes.items()
                  if recipes.tensor_type(recipes.RECIPES[recipe], n, s, tied_embeddings=tied) is not None}

@@ -109,8 +109,8 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
     n_head, n_head_kv = hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
     result = Plan(source="imatrix" if imatrix else "weights")
 
-    def importance(name: str, estimate):
-        if imatrix and name in imatrix and imatrix[name].size == tensors[name].shape[-1]:
+    def importance(name: str, width: int, estimate):
+        if imatrix and name in imatrix and imatrix[name].size == width:
             return imatrix[name]
         return estimate() if callable(estimate) else estimate
 
@@ -127,8 +127,9 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
                 continue
             gain = f32(norm)
             norm_gains[norm] = gain
-            a = importance(consumers[0], lambda gain=gain: gain.astype(np.float64) ** 2)
-            s = channel_scales(a, _sq_col_norms(*(f32(c) for c in consumers)))
+            matrices = [f32(c) for c in consumers]
+            a = importance(consumers[0], matrices[0].shape[-1], lambda gain=gain: gain.astype(np.float64) ** 2)
+            s = channel_scales(a, _sq_col_norms(*matrices))
             for c in consumers:
                 result.column_scales[c] = s
             result.row_divisors[norm] = s
@@ -140,26 +141,27 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
             def down_estimate(gain_sq=gain_sq, gate=gate, up=up):
                 return (f32(gate).astype(np.float64) ** 2 @ gain_sq) * (f32(up).astype(np.float64) ** 2 @ gain_sq)
 
-            s = channel_scales(importance(down, down_estimate), _sq_col_norms(f32(down)))
+            w_down = f32(down)
+            s = channel_scales(importance(down, w_down.shape[-1], down_estimate), _sq_col_norms(w_down))
             result.column_scales[down] = s
             result.row_divisors[up] = s
 
         v, o = blk + "attn_v.weight", blk + "attn_output.weight"
         if v in tensors and o in tensors and isinstance(n_head, int) and isinstance(n_head_kv, int) \
                 and blk + "attn_norm.weight" in norm_gains and n_head % n_head_kv == 0:
-            wo = f32(o)
+            wo, wv = f32(o), f32(v)
             head_dim = wo.shape[-1] // n_head
             group = n_head // n_head_kv
-            if head_dim * n_head != wo.shape[-1] or f32(v).shape[0] != n_head_kv * head_dim:
+            if head_dim * n_head != wo.shape[-1] or wv.shape[0] != n_head_kv * head_dim:
                 continue
             gain_sq = norm_gains[blk + "attn_norm.weight"].astype(np.float64) ** 2
 
-            def o_estimate(gain_sq=gain_sq, v=v):
-                return np.tile((f32(v).astype(np.float64) ** 2 @ gain_sq).reshape(n_head_kv, 1, head_dim),
+            def o_estimate(gain_sq=gain_sq, wv=wv):
+                return np.tile((wv.astype(np.float64) ** 2 @ gain_sq).reshape(n_head_kv, 1, head_dim),
                                (1, group, 1)).reshape(-1)
 
             # q heads of one group read the same v rows, so they share one scale per (kv head, dim)
-            a_kv = importance(o, o_estimate).reshape(n_head_kv, group, head_dim).sum(axis=1)
+            a_kv = importance(o, wo.shape[-1], o_estimate).reshape(n_head_kv, group, head_dim).sum(axis=1)
             n2_kv = _sq_col_norms(wo).reshape(n_head_kv, group, head_dim).sum(axis=1)
             s_kv = channel_scales(a_kv.reshape(-1), n2_kv.reshape(-1)).reshape(n_head_kv, head_dim)
             result.column_scales[o] = np.repeat(s_kv[:, None, :], group, axis=1).reshape(-1)
@@ -169,8 +171,9 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
 
     if "output.weight" in tensors and "output_norm.weight" in tensors:
         gain = f32("output_norm.weight")
-        a = importance("output.weight", gain.astype(np.float64) ** 2)
-        s = channel_scales(a, _sq_col_norms(f32("output.weight")))
+        w_out = f32("output.weight")
+        a = importance("output.weight", w_out.shape[-1], gain.astype(np.float64) ** 2)
+        s = channel_scales(a, _sq_col_norms(w_out))
         result.column_scales["output.weight"] = s
         result.row_divisors["output_norm.weight"] = s
     return result

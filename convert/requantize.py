@@ -40,7 +40,8 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     """Code the matrices of the full-precision GGUF `source` with `recipe` into `output` (written atomically).
 
     `bits_for` (tensor name -> HLWQ bits) overrides the recipe's bit width per tensor; the block size still
-    follows the row width (recipes.tensor_type). `recipe` None keeps every tensor's type (an equalized full-precision GGUF, e.g. for llama-quantize).
+    follows the row width (recipes.tensor_type). `recipe` None keeps every tensor's type (an equalized
+    full-precision GGUF, e.g. for llama-quantize).
     With `equalize` (implied by `imatrix`) the per-channel scales of convert/equalize.py are applied first, from
     the importance matrix when given, else from the weights alone. Returns {"types": {type: count},
     "weights": n, "seconds": s, "equalized": n_tensors}.
@@ -101,7 +102,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
 
         plan = []
         for t in reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (the row) first
+            shape = gguf_types.numpy_shape(t)
             type_name = recipes.tensor_type(recipe_def, t.name, shape, tied_embeddings=tied) if recipe_def else None
             if type_name is not None and bits_for and t.name in bits_for:
                 type_name = recipes.tensor_type(recipes.Recipe("", 0, bits_for[t.name]), t.name, shape)
@@ -152,7 +153,7 @@ def _to_float32(tensor) -> np.ndarray:
     """A full-precision GGUF tensor as float32 in numpy order (BF16 data reads as raw bytes)."""
     import gguf
 
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shape = gguf_types.numpy_shape(tensor)
     if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
     return np.asarray(tensor.data, dtype=np.float32).reshape(shape)

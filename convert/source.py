@@ -5,7 +5,7 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -36,19 +36,17 @@ class Checkpoint:
     path: Path
     config: dict
     safetensors: list[Path]
+    tensor_names: list[str] = field(default_factory=list)  # from the headers load_checkpoint validated
 
     @property
     def architectures(self) -> list[str]:
         return list(self.config.get("architectures") or [])
 
-    def tensor_names(self) -> list[str]:
-        return [name for file in self.safetensors for name in _check_safetensors_header(file)[0] if name != "__metadata__"]
-
     @property
     def has_vision_tower(self) -> bool:
         """A vision config with the tower's weights present (text-only fine-tunes keep the config, not the weights)."""
         return "vision_config" in self.config and any(
-            part in name for name in self.tensor_names() for part in VISION_TENSOR_PARTS)
+            part in name for name in self.tensor_names for part in VISION_TENSOR_PARTS)
 
 
 def resolve(source: str | Path) -> Path:
@@ -129,9 +127,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if pickles:
             raise ConversionError(f"{path}: only pickled weights ({', '.join(pickles)}); hlwq-gguf reads safetensors and never unpickles downloaded files")
         raise ConversionError(f"{path}: no *.safetensors weights found")
-    for file in safetensors:
-        _check_safetensors_header(file)
-    return Checkpoint(path, config, safetensors)
+    names = [name for file in safetensors for name in _check_safetensors_header(file)[0] if name != "__metadata__"]
+    return Checkpoint(path, config, safetensors, names)
 
 
 def publish(tmp: Path, output: Path) -> None:

@@ -111,3 +111,9 @@ def codebook_metadata() -> dict[str, object]:
 
 def fingerprint_hex(value: int) -> str:
     return struct.pack(">I", value).hex()
+
+
+def numpy_shape(tensor) -> tuple[int, ...]:
+    """A GGUFReader tensor's logical shape in numpy order (GGUF lists ne0, the row, first); for quantized or BF16
+    tensors `tensor.data.shape` counts bytes instead."""
+    return tuple(int(x) for x in reversed(tensor.shape))

@@ -57,6 +57,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import gguf_types
+
 __all__ = [
     "WheelPart",
     "ModelSpec",
@@ -383,10 +385,6 @@ def tensor_seed(seed: int, name: str) -> np.random.SeedSequence:
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
-def _numpy_shape(tensor) -> tuple[int, ...]:
-    return tuple(int(x) for x in reversed(tensor.shape))
-
-
 def iter_dither(tensor, seed: int = 0, chunk_elems: int = 1 << 22):
     """Yield ``(row0, row1, dithered, step, dequantized)`` row chunks of one ``gguf.ReaderTensor``.
 
@@ -396,7 +394,7 @@ def iter_dither(tensor, seed: int = 0, chunk_elems: int = 1 << 22):
     """
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
-    shape = _numpy_shape(tensor)
+    shape = gguf_types.numpy_shape(tensor)
     cols = shape[-1]
     n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     if qtype.name in _FLOAT_TYPES:
@@ -424,7 +422,7 @@ def dither_tensor(tensor, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None,
     Returns ``(dithered, step, dequantized)`` with the tensor's numpy shape; ``step`` is
     ``None`` (and ``dithered is dequantized``) for float tensors, which are copied unchanged.
     """
-    shape = _numpy_shape(tensor)
+    shape = gguf_types.numpy_shape(tensor)
     parts = list(iter_dither(tensor, seed))
     if parts[0][3] is None:
         deq = parts[0][2].reshape(shape)
@@ -990,7 +988,7 @@ def verify_roundtrip(
         if b.tensor_type != gguf.GGMLQuantizationType.F32:
             problems.append(f"{name}: converted type {b.tensor_type.name} is not F32")
             continue
-        shape = _numpy_shape(b)
+        shape = gguf_types.numpy_shape(b)
         conv_all = np.asarray(b.data, dtype=np.float32).reshape(-1, shape[-1])
         t_abs = t_ulp = t_exc = t_dev = 0.0
         n_live = n_noisy = 0

@@ -254,8 +254,13 @@ def measurement_text_file(*, force: bool = False) -> Path:
     if path.is_file() and not force:
         return path
     d.mkdir(parents=True, exist_ok=True)
-    text = mediawiki_xml_to_text(enwiki_xml_bytes())
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".text-", suffix=".partial")
+    _write_text_atomically(path, mediawiki_xml_to_text(enwiki_xml_bytes()))
+    return path
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it there (readers never see a partial text)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -266,7 +271,6 @@ def measurement_text_file(*, force: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 @lru_cache(maxsize=1)
@@ -295,15 +299,7 @@ def calibration_text_file() -> Path:
     start = text.find("\n\n= ", len(text) // 2)
     if start < 0:
         raise RuntimeError(f"{source}: no article starts in the second half of the measurement text")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text[start + 2:])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _write_text_atomically(path, text[start + 2:])
     return path
 
 
