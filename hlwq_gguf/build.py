@@ -1,6 +1,7 @@
 """Build the patched llama.cpp (CPU by default, CUDA on request) into the cache, keyed by the patch series."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from . import paths, upstream
 TARGETS = [
     "llama",  # libllama.so, which llama-cpp-python loads
     "llama-cli", "llama-completion", "llama-server", "llama-quantize", "llama-perplexity", "llama-bench",
-    "llama-imatrix", "llama-mtmd-cli", "test-backend-ops", "test-quantize-fns",
+    "llama-imatrix", "llama-mtmd-cli", "ggml-rpc-server", "test-backend-ops", "test-quantize-fns",
 ]
 
 
@@ -65,6 +66,8 @@ def _cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
         f"-DLLAMA_BUILD_NUMBER={paths.LLAMA_CPP_BUILD_NUMBER}",
         f"-DLLAMA_BUILD_COMMIT={paths.LLAMA_CPP_COMMIT}",
         "-DLLAMA_OPENSSL=OFF",
+        # rpc-server and the RPC client backend, so one HLWQ GGUF can be split across machines
+        "-DGGML_RPC=ON",
     ]
     if shutil.which("ccache"):
         args.append("-DGGML_CCACHE=ON")
@@ -81,13 +84,26 @@ def ensure_build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | N
     """
     key = build_key(cuda, cuda_arch)
     build_dir = paths.build_dir(key.split("-", 1)[1])
-    stamp = build_dir / ".hlwq-build-key"
-    if stamp.exists() and stamp.read_text().strip() == key and \
-            all((build_dir / "bin" / target).exists() for target in TARGETS if target != "llama"):
+    if _is_current(build_dir, key):
         return Build(build_dir)
-
-    source = upstream.patched_tree()
     build_dir.mkdir(parents=True, exist_ok=True)
+    # two ninjas in one build directory corrupt it: a second caller (another test process, a converter) waits
+    with open(build_dir.parent / f".{build_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_current(build_dir, key):
+            return Build(build_dir)
+        return _build(build_dir, key, cuda, cuda_arch, jobs, verbose)
+
+
+def _is_current(build_dir: Path, key: str) -> bool:
+    stamp = build_dir / ".hlwq-build-key"
+    return stamp.exists() and stamp.read_text().strip() == key and \
+        all((build_dir / "bin" / target).exists() for target in TARGETS if target != "llama")
+
+
+def _build(build_dir: Path, key: str, cuda: bool, cuda_arch: str | None, jobs: int | None, verbose: bool) -> Build:
+    stamp = build_dir / ".hlwq-build-key"
+    source = upstream.patched_tree()
     if stamp.exists():
         stamp.unlink()
     env = dict(os.environ)
