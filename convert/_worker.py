@@ -7,6 +7,7 @@ Usage: python -m convert._worker <json-args>
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -429,5 +430,21 @@ def main() -> None:
         json.dump(stats, f)
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            output = json.loads(sys.argv[1])["output"]
+            _fail(f"{output}: cannot write the GGUF: {e.strerror} (disk full or file-size limit); nothing was written")
+        raise
+    except Exception as e:  # upstream's converter meeting a file it cannot read: one line, not its traceback
+        if json.loads(sys.argv[1]).get("verbose"):
+            import traceback
+            traceback.print_exc()
+        _fail(f"{json.loads(sys.argv[1])['model_dir']}: llama.cpp's converter failed: {_one_line(e)}")

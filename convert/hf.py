@@ -14,8 +14,10 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import recipes, upstream
 
 from . import polarquant
+from .loadcheck import check_loads
 from .reference import reference_gguf
-from .source import ConversionError, load_checkpoint, publish, resolve
+from .source import (ConversionError, check_tokenizer, die_with_parent, load_checkpoint, publish, resolve, staging_prefix,
+                     sweep_stale_staging)
 
 
 @dataclass
@@ -63,7 +65,7 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
     if not source.is_file():
         raise ConversionError(f"{source}: no such GGUF file")
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix(output), dir=output.parent) as scratch:
         if str(imatrix) == "auto":
             imatrix = llama_tools.imatrix(builder.ensure_build(), source, textdata.calibration_text_file(),
                                           Path(work_dir or scratch) / "imatrix.gguf", chunks=IMATRIX_CHUNKS,
@@ -143,6 +145,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
         raise ConversionError(f"{output.parent}: output folder does not exist")
     if imatrix is not None and str(imatrix) != "auto" and not Path(imatrix).expanduser().is_file():
         raise ConversionError(f"{imatrix}: no such importance-matrix file (give a llama-imatrix GGUF or 'auto')")
+    sweep_stale_staging(output)
     if str(source).endswith(".gguf"):
         return _convert_gguf(Path(source).expanduser(), output, recipe, equalize, imatrix, threads, quiet,
                              target_bpw=target_bpw)
@@ -150,6 +153,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     polarquant.refuse_codeless(model_dir)
     import_format = polarquant.detect(model_dir) if (model_dir / "config.json").is_file() else None
     checkpoint = load_checkpoint(model_dir)
+    check_tokenizer(model_dir)
     if import_format:
         if equalize or imatrix is not None or target_bpw is not None:
             raise ConversionError(f"{model_dir}: a code checkpoint is imported as it is; --equalize/--imatrix/"
@@ -158,7 +162,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     elif equalize or imatrix is not None or target_bpw is not None:
         if not checkpoint.architectures:
             raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
-        with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
+        with tempfile.TemporaryDirectory(prefix=staging_prefix(output), dir=output.parent) as work:
             full = Path(work) / "full-precision.gguf"
             # F32 keeps F16 checkpoints exact; large BF16 ones go through BF16, which holds them exactly too
             small = sum(p.stat().st_size for p in checkpoint.safetensors) < FULL_PRECISION_F32_LIMIT
@@ -170,21 +174,21 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     tree = upstream.patched_tree()
     lib_dir = builder.ensure_build().bin  # the HLWQ quantizer is the patched ggml's
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
     os.close(fd)
     out_tmp = Path(tmp_name)
     stats_file = out_tmp.with_suffix(".stats.json")
     error_file = out_tmp.with_suffix(".error")
     hub_id = None if Path(str(source)).expanduser().is_dir() else str(source)
     args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
-            "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
+            "output": str(output), "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
             "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads, "import_format": import_format,
             "codebook": codebook, "keep_unquantized": keep_unquantized}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
                             stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE if quiet else None,
-                            text=True)
+                            text=True, preexec_fn=die_with_parent)
     try:
         _, stderr = proc.communicate()
     except BaseException:
@@ -201,6 +205,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
             last = lines[-1].split("\r")[-1] if lines else f"exit code {proc.returncode} (its output is above)"
             raise ConversionError(f"{model_dir}: conversion failed: {last}")
         stats = json.loads(stats_file.read_text())
+        check_loads(out_tmp, lib_dir.parent, model_dir)
         publish(out_tmp, output)
     finally:
         for leftover in (out_tmp, stats_file, error_file):

@@ -19,7 +19,7 @@ import numpy as np
 
 from hlwq_gguf import codec
 
-from .source import ConversionError, _check_safetensors_header
+from .source import ConversionError, _check_safetensors_header, indexed_weight_files
 
 BLOCK = 128
 TABLE_LETTERS = {"A": "reference_A", "B": "reference_B"}
@@ -198,17 +198,8 @@ def refuse_codeless(path: Path) -> None:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: no weight_map")
-        files = sorted({path / name for name in weight_map.values()})
-        for file in files:
-            if not file.is_file():
-                raise ConversionError(f"{index}: lists {file.name}, which is missing")
-        return files
-    return sorted(path.glob("*.safetensors"))
+    indexed = indexed_weight_files(path)
+    return indexed if indexed is not None else sorted(path.glob("*.safetensors"))
 
 
 def detect(path: Path) -> str | None:

@@ -19,7 +19,7 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import codec, gguf_types, recipes
 
 from . import equalize as equalizer
-from .source import ConversionError, publish
+from .source import ConversionError, publish, staging_prefix
 
 _FULL_PRECISION = ("F32", "F16", "BF16")
 
@@ -76,7 +76,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
 
     ggml = GGML(builder.ensure_build().bin)
     threads = threads or os.cpu_count() or 1
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     stats = {"types": {}, "weights": 0, "seconds": 0.0,

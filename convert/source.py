@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,58 @@ def _check_safetensors_header(path: Path) -> tuple[dict, int]:
             raise ConversionError(f"{path}: tensor {name}: {dtype}{shape} needs {count * SAFETENSORS_DTYPE_SIZES[dtype]} bytes, header gives {end - begin}")
         if end > data_size:
             raise ConversionError(f"{path}: tensor {name}: data ends at byte {end} but the file holds {data_size} (truncated)")
+    # the format indexes the data buffer completely and without overlap (the safetensors library enforces it too):
+    # two tensors on the same bytes would silently duplicate weights
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in header.items()
+                   if name != "__metadata__")
+    at, previous = 0, None
+    for begin, end, name in spans:
+        if begin < at:
+            raise ConversionError(f"{path}: tensors {previous} and {name} overlap (bytes {begin}..{at})")
+        if begin > at:
+            raise ConversionError(f"{path}: bytes {at}..{begin} before tensor {name} belong to no tensor (corrupt header)")
+        at, previous = end, name
+    if at != data_size:
+        raise ConversionError(f"{path}: {data_size - at} bytes after the last tensor belong to no tensor (corrupt header)")
     return header, header_len
+
+
+def indexed_weight_files(path: Path) -> list[Path] | None:
+    """The safetensors files model.safetensors.index.json lists (None without an index). Its names must be plain
+    file names inside the folder: a downloaded index naming `../x` or `/etc/x` would make the converter read
+    outside the checkpoint."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = _read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: no weight_map")
+    names = set(weight_map.values())
+    for name in sorted(names, key=str):
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ConversionError(f"{index}: weight file {name!r} is not a plain file name in the checkpoint folder")
+        if not (path / name).is_file():
+            raise ConversionError(f"{index}: lists {name}, which is missing")
+    return sorted(path / name for name in names)
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e.__class__.__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return value
+
+
+# the tokenizer files llama.cpp's converter can build a vocabulary from
+TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken", "vocab.txt")
+
+
+def check_tokenizer(path: Path) -> None:
+    if not any(next(path.glob(pattern), None) for pattern in TOKENIZER_PATTERNS):
+        raise ConversionError(f"{path}: no tokenizer ({', '.join(TOKENIZER_PATTERNS)}); llama.cpp needs the vocabulary")
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -115,13 +167,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{config_path}: missing (a Hugging Face checkpoint needs its config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_path}: not a JSON object")
-    safetensors = sorted(path.glob("*.safetensors"))
+    config = _read_json_object(config_path)
+    # every JSON file the converter may read is checked here, so a broken one is named instead of surfacing as a
+    # traceback from deep inside the tokenizer library
+    for json_file in sorted(path.glob("*.json")):
+        if json_file != config_path:
+            _read_json_object(json_file)
+    indexed = indexed_weight_files(path)
+    safetensors = indexed if indexed is not None else sorted(path.glob("*.safetensors"))
     if not safetensors:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -129,6 +182,49 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise ConversionError(f"{path}: no *.safetensors weights found")
     names = [name for file in safetensors for name in _check_safetensors_header(file)[0] if name != "__metadata__"]
     return Checkpoint(path, config, safetensors, names)
+
+
+def staging_prefix(output: Path) -> str:
+    """Prefix of the temporary files and folders a conversion writes beside `output` (the rename onto `output` is
+    atomic only within one filesystem); the pid lets a later run recognise what a killed one left behind."""
+    return f".{output.name}.{os.getpid()}."
+
+
+def sweep_stale_staging(output: Path) -> list[Path]:
+    """Remove what killed conversions to `output` left beside it (SIGKILL runs no cleanup): staging entries whose
+    process is gone. Those of a live process (a concurrent conversion) stay."""
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(\d+)\.")
+    removed = []
+    for entry in output.parent.iterdir() if output.parent.is_dir() else []:
+        match = pattern.match(entry.name)
+        if not match or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def die_with_parent() -> None:
+    """preexec_fn for child processes: the kernel kills the child when its parent dies, even by SIGKILL, so a killed
+    conversion leaves no worker writing on."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def publish(tmp: Path, output: Path) -> None:

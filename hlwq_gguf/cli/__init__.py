@@ -1,6 +1,8 @@
 """The `hlwq-gguf` command line: one module per verb, each a thin layer over an importable function."""
 from __future__ import annotations
 
+import signal
+
 import click
 
 from . import bench as bench_cmd
@@ -16,6 +18,12 @@ from . import run as run_cmd
 @click.version_option(package_name="hlwq-gguf")
 def main() -> None:
     """HLWQ (Hadamard-Lloyd weight quantization) for GGUF and llama.cpp."""
+    # SIGTERM unwinds like Ctrl-C, so a killed conversion still removes its temporary files
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 main.add_command(bench_cmd.bench)
