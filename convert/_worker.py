@@ -7,7 +7,6 @@ Usage: python -m convert._worker <json-args>
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -438,13 +437,14 @@ def _one_line(error: BaseException) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            output = json.loads(sys.argv[1])["output"]
-            _fail(f"{output}: cannot write the GGUF: {e.strerror} (disk full or file-size limit); nothing was written")
-        raise
-    except Exception as e:  # upstream's converter meeting a file it cannot read: one line, not its traceback
-        if json.loads(sys.argv[1]).get("verbose"):
+    except Exception as e:
+        args = json.loads(sys.argv[1])
+        from convert.source import is_short_write, short_write_message
+
+        if is_short_write(e):
+            _fail(short_write_message(Path(args["output"]), e))
+        if args.get("verbose"):
             import traceback
             traceback.print_exc()
-        _fail(f"{json.loads(sys.argv[1])['model_dir']}: llama.cpp's converter failed: {_one_line(e)}")
+        # upstream's converter meeting a file it cannot read: one line, not its traceback
+        _fail(f"{args['model_dir']}: llama.cpp's converter failed: {_one_line(e)}")

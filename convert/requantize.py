@@ -19,7 +19,7 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import codec, gguf_types, recipes
 
 from . import equalize as equalizer
-from .source import ConversionError, publish, staging_prefix
+from .source import ConversionError, is_short_write, publish, short_write_message, staging_prefix
 
 _FULL_PRECISION = ("F32", "F16", "BF16")
 
@@ -144,6 +144,10 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             stats["weights"] += int(values.size)
         writer.close()
         publish(tmp, output)
+    except OSError as e:
+        if is_short_write(e):
+            raise ConversionError(short_write_message(output, e)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return stats

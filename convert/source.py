@@ -1,6 +1,7 @@
 """Resolve and validate a checkpoint before anything is converted: a local folder or a Hugging Face hub id."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -225,6 +226,18 @@ def die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def is_short_write(error: BaseException) -> bool:
+    """A write the disk or the file-size limit (`ulimit -f`) cut short; numpy's tofile reports one as
+    "N requested and M written" without an errno."""
+    return isinstance(error, OSError) and (
+        error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or " requested and " in str(error))
+
+
+def short_write_message(output: Path, error: OSError) -> str:
+    why = error.strerror or "short write"
+    return f"{output}: cannot write the GGUF: {why} (disk full or file-size limit); nothing was written"
 
 
 def publish(tmp: Path, output: Path) -> None:

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 import pytest
 
 from convert import convert_checkpoint
-from hlwq_gguf import llama_tools
 
 from conftest import write_tiny_llama
 
