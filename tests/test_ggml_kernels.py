@@ -26,6 +26,7 @@ def test_c_quantizer_matches_numpy(ggml, name):
     x = _matrix(rng, 96, cols)
     c_bytes = ggml.quantize(name, x)
     py_bytes = block_type.quantize(x)
+    assert np.array_equal(ggml.quantize(name, x, threads=3), c_bytes)  # rows split over threads: same bytes
     # both run the same fp32 operations in the same order (tree-summed norm, left-to-right dot products, and no
     # fused multiply-add in ggml-base's baseline x86-64 build), so the scale search picks the same start everywhere
     assert np.array_equal(c_bytes, py_bytes)
