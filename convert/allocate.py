@@ -96,7 +96,7 @@ def allocate(source: Path, target_bpw: float, *, imatrix: Path | None, equalize:
     gguf_types.register(gguf)
     bits = base_bits(target_bpw)
     recipe = f"hlwq{bits}"
-    reader = gguf.GGUFReader(source)
+    reader = gguf_types.read_gguf(source)
     shapes = {t.name: gguf_types.numpy_shape(t) for t in reader.tensors}
     tied = "output.weight" not in shapes
     quantized = {n: s for n, s in shapes.items()

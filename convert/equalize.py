@@ -59,12 +59,13 @@ class Plan:
 
 def load_imatrix(path: Path) -> dict[str, np.ndarray]:
     """Mean squared input per column of each matrix, from a llama-imatrix GGUF (`<name>.in_sum2`, `<name>.counts`)."""
-    import gguf
+
+    from hlwq_gguf import gguf_types
 
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or foreign file
-        raise ConversionError(f"{path}: not a llama-imatrix GGUF ({e})") from None
+        reader = gguf_types.read_gguf(path)
+    except gguf_types.GGUFFileError as e:
+        raise ConversionError(f"{e}; an importance matrix must be a llama-imatrix GGUF") from None
     sums = {t.name[:-len(".in_sum2")]: np.array(t.data, np.float64) for t in reader.tensors if t.name.endswith(".in_sum2")}
     counts = {t.name[:-len(".counts")]: np.array(t.data, np.float64) for t in reader.tensors if t.name.endswith(".counts")}
     if not sums:

@@ -58,9 +58,9 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
     source, output = Path(source), Path(output)
     try:
-        reader = gguf.GGUFReader(source)
-    except Exception as e:
-        raise ConversionError(f"{source}: not a readable GGUF file ({e})") from None
+        reader = gguf_types.read_gguf(source)
+    except gguf_types.GGUFFileError as e:
+        raise ConversionError(str(e)) from None
     quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(_FULL_PRECISION))
     if quantized:
         raise ConversionError(f"{source}: not a full-precision GGUF (has {', '.join(quantized)} tensors); "

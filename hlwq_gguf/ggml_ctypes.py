@@ -122,6 +122,22 @@ class GGML:
         data = np.ascontiguousarray(data, dtype=np.uint8)
         return bool(self.base.ggml_validate_row_data(self.type_id(name), _ptr(data), data.size))
 
+    def gguf_parses(self, path: str | Path) -> bool:
+        """Whether ggml's own GGUF parser (the one llama.cpp loads models with) accepts the file's header,
+        metadata and tensor table; every count, length and offset it reads is checked against the file size."""
+
+        class InitParams(ctypes.Structure):
+            _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+        self.base.gguf_init_from_file.restype = ctypes.c_void_p
+        self.base.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
+        self.base.gguf_free.argtypes = [ctypes.c_void_p]
+        context = self.base.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+        if not context:
+            return False
+        self.base.gguf_free(context)
+        return True
+
     @cached_property
     def codebook(self) -> tuple[str, int]:
         return self.base.ggml_hlwq_codebook_name().decode(), int(self.base.ggml_hlwq_codebook_fingerprint())

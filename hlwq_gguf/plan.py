@@ -166,11 +166,20 @@ def read_layout(path: str | Path) -> ModelLayout:
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"{path}: no such file")
-    gguf = gguf_types.register()
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors of many kinds on a non-GGUF file
-        raise PlanError(f"{path}: not a readable GGUF file ({e})") from None
+        reader = gguf_types.read_gguf(path)
+    except gguf_types.GGUFFileError as e:
+        raise PlanError(str(e)) from None
+    try:
+        return _layout(path, reader)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+        # metadata of the wrong kind (a string where a count belongs, a malformed array): one line, not a traceback
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from None
+
+
+def _layout(path: Path, reader) -> ModelLayout:
     arch = _field(reader, "general.architecture")
     if not arch:
         raise PlanError(f"{path}: no general.architecture in the GGUF metadata")
@@ -181,6 +190,8 @@ def read_layout(path: str | Path) -> ModelLayout:
     n_layer_all = int(hp("block_count", 0))
     if n_layer_all <= 0:
         raise PlanError(f"{path}: no {arch}.block_count in the GGUF metadata")
+    if n_layer_all > len(reader.tensors):  # every layer has tensors; a hostile count would size per-layer lists
+        raise PlanError(f"{path}: {arch}.block_count {n_layer_all} exceeds the file's {len(reader.tensors)} tensors")
     n_nextn = int(hp("nextn_predict_layers", 0) or 0)
     n_layer = n_layer_all - n_nextn
     tensors, mtp_bytes = [], 0

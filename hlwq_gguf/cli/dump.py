@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -13,6 +14,12 @@ def dump(argv: list[str]) -> None:
     from hlwq_gguf import gguf_types
 
     gguf_types.register()
+    for arg in argv:  # the file gguf-dump will read: gated by llama.cpp's parser first (see read_gguf)
+        if arg.endswith(".gguf") or (not arg.startswith("-") and Path(arg).is_file()):
+            try:
+                gguf_types.read_gguf(arg)
+            except gguf_types.GGUFFileError as e:
+                raise click.ClickException(str(e)) from None
     saved_argv = sys.argv
     sys.argv = ["hlwq-gguf dump", *argv]
     try:
