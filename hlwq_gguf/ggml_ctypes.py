@@ -122,21 +122,31 @@ class GGML:
         data = np.ascontiguousarray(data, dtype=np.uint8)
         return bool(self.base.ggml_validate_row_data(self.type_id(name), _ptr(data), data.size))
 
-    def gguf_parses(self, path: str | Path) -> bool:
-        """Whether ggml's own GGUF parser (the one llama.cpp loads models with) accepts the file's header,
-        metadata and tensor table; every count, length and offset it reads is checked against the file size."""
+    def gguf_parse_error(self, path: str | Path) -> str | None:
+        """None when ggml's own GGUF parser (the one llama.cpp loads models with) accepts the file's header,
+        metadata and tensor table, else its first complaint. It checks every count, length and offset against
+        the file size; its log is captured instead of printed."""
 
         class InitParams(ctypes.Structure):
             _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
+        log_callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+        messages: list[str] = []
+        collect = log_callback(lambda _level, text, _user: messages.append(text.decode(errors="replace")))
+        self.base.ggml_log_set.argtypes = [log_callback, ctypes.c_void_p]
         self.base.gguf_init_from_file.restype = ctypes.c_void_p
         self.base.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
         self.base.gguf_free.argtypes = [ctypes.c_void_p]
-        context = self.base.gguf_init_from_file(str(path).encode(), InitParams(True, None))
-        if not context:
-            return False
-        self.base.gguf_free(context)
-        return True
+        self.base.ggml_log_set(collect, None)
+        try:
+            context = self.base.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+        finally:
+            self.base.ggml_log_set(log_callback(), None)  # NULL: ggml's default logger again
+        if context:
+            self.base.gguf_free(context)
+            return None
+        lines = [line.split(": ", 1)[-1].strip() for line in "".join(messages).splitlines() if line.strip()]
+        return lines[0] if lines else "refused"
 
     @cached_property
     def codebook(self) -> tuple[str, int]:

@@ -138,8 +138,9 @@ def read_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise GGUFFileError(f"{path}: no such file")
-    if not GGML(ensure_build().bin).gguf_parses(path):
-        raise GGUFFileError(f"{path}: not a valid GGUF file (llama.cpp's GGUF parser refuses it)")
+    refusal = GGML(ensure_build().bin).gguf_parse_error(path)
+    if refusal is not None:
+        raise GGUFFileError(f"{path}: not a valid GGUF file (llama.cpp's GGUF parser refuses it: {refusal})")
     gguf = register()
     try:
         return gguf.GGUFReader(str(path))
