@@ -10,7 +10,6 @@ Releases without codes (torchao INT4 `model_int4.pt`, GPTQ/AWQ) are refused; no 
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from hlwq_gguf import codec
 
-from .source import ConversionError, _check_safetensors_header, indexed_weight_files
+from .source import ConversionError, _check_safetensors_header, indexed_weight_files, read_json_object
 
 BLOCK = 128
 TABLE_LETTERS = {"A": "reference_A", "B": "reference_B"}
@@ -164,16 +163,6 @@ class ImportedCheckpoint:
 # ---------------------------------------------------------------------------------------------- detection
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(value, dict):
-        raise ConversionError(f"{path}: not a JSON object")
-    return value
-
-
 def _base_model_name(path: Path, *configs: dict) -> str:
     for config in configs:
         for key in ("base_model", "base_model_name_or_path", "_name_or_path"):
@@ -184,7 +173,7 @@ def _base_model_name(path: Path, *configs: dict) -> str:
 
 def refuse_codeless(path: Path) -> None:
     """Refuse releases that carry no HLWQ codes (torchao INT4, GPTQ/AWQ) with a one-line error naming the base model."""
-    configs = {name: _read_json(path / name) for name in ("polar_config.json", "hlwq_config.json", "config.json", "quantize_config.json")
+    configs = {name: read_json_object(path / name) for name in ("polar_config.json", "hlwq_config.json", "config.json", "quantize_config.json")
                if (path / name).is_file()}
     quant = configs.get("polar_config.json") or configs.get("hlwq_config.json") or {}
     hf = configs.get("config.json", {})
@@ -207,7 +196,7 @@ def detect(path: Path) -> str | None:
     if (path / "codes.safetensors").is_file():
         return "pq_multi"
     for name in ("polar_config.json", "hlwq_config.json"):
-        if (path / name).is_file() and str(_read_json(path / name).get("format", "")).startswith("hlwq-q"):
+        if (path / name).is_file() and str(read_json_object(path / name).get("format", "")).startswith("hlwq-q"):
             return "hlwq"
     files = _weight_files(path)
     for file in files:
@@ -236,7 +225,7 @@ def _check_table(stored: np.ndarray, bits: int, scaled: bool, where: str) -> str
 def _layer_configs(path: Path) -> dict:
     for name in ("polar_config.json", "hlwq_config.json"):
         if (path / name).is_file():
-            layers = _read_json(path / name).get("layers") or {}
+            layers = read_json_object(path / name).get("layers") or {}
             return layers if isinstance(layers, dict) else {}
     return {}
 
@@ -350,7 +339,7 @@ def _read_packed_layer(st: _SafetensorsFile, stem: str, name: str, fmt: str, pat
     if list(st.header[stem + "__norms"]["shape"]) != [out_features, n_blocks]:
         raise ConversionError(f"{where}__norms: shape {st.header[stem + '__norms']['shape']}, meta says [{out_features}, {n_blocks}]")
     if fmt == "hlwq":
-        config = next((_read_json(path / n) for n in ("polar_config.json", "hlwq_config.json") if (path / n).is_file()), {})
+        config = next((read_json_object(path / n) for n in ("polar_config.json", "hlwq_config.json") if (path / n).is_file()), {})
         bits = int(str(config.get("format", "hlwq-q5"))[len("hlwq-q"):] or 5)
     else:
         bits, rest = divmod(packed_bytes * 8, total)

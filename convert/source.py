@@ -132,7 +132,7 @@ def indexed_weight_files(path: Path) -> list[Path] | None:
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return None
-    weight_map = _read_json_object(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{index}: no weight_map")
     names = set(weight_map.values())
@@ -144,10 +144,11 @@ def indexed_weight_files(path: Path) -> list[Path] | None:
     return sorted(path / name for name in names)
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, or a one-line ConversionError naming it."""
     try:
         value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e.__class__.__name__}: {e})") from None
     if not isinstance(value, dict):
         raise ConversionError(f"{path}: not a JSON object")
@@ -168,12 +169,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{config_path}: missing (a Hugging Face checkpoint needs its config.json)")
-    config = _read_json_object(config_path)
+    config = read_json_object(config_path)
     # every JSON file the converter may read is checked here, so a broken one is named instead of surfacing as a
     # traceback from deep inside the tokenizer library
     for json_file in sorted(path.glob("*.json")):
         if json_file != config_path:
-            _read_json_object(json_file)
+            read_json_object(json_file)
     indexed = indexed_weight_files(path)
     safetensors = indexed if indexed is not None else sorted(path.glob("*.safetensors"))
     if not safetensors:

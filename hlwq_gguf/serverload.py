@@ -40,7 +40,8 @@ class Server:
         raise ServerError("no VmRSS for the server process")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -51,7 +52,7 @@ def llama_server(build: Build, model: Path, log: Path, *, parallel: int = 8, ctx
                  kv_type: str | None = None, threads: int | None = None, extra: tuple[str, ...] = ()):
     """A llama-server on 127.0.0.1 with `parallel` slots, flash attention and `kv_type` for K and V (llama.cpp's
     default f16 when None); stopped on exit."""
-    port = _free_port()
+    port = free_port()
     cmd = [build.tool("llama-server"), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
            "-c", str(parallel * ctx_per_slot), "-t", str(threads or os.cpu_count() or 2), "-fa", "on", "--no-webui",
            *(["-ctk", kv_type, "-ctv", kv_type] if kv_type else []), *extra]

@@ -12,16 +12,11 @@ from contextlib import contextmanager
 import pytest
 
 from convert import convert_checkpoint
+from hlwq_gguf import serverload
 
 from conftest import write_tiny_llama
 
 PROMPT = "The capital of France is"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
@@ -30,7 +25,7 @@ def rpc_servers(build, count: int):
     servers, endpoints = [], []
     try:
         for _ in range(count):
-            port = _free_port()
+            port = serverload.free_port()
             servers.append(subprocess.Popen([str(build.tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port),
                                              "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
             endpoints.append(f"127.0.0.1:{port}")
