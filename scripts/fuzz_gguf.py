@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import random
-import struct
 import sys
 import tempfile
 from pathlib import Path
