@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    from hlwq_gguf import serverload
+    from hlwq_gguf import paths, serverload
     from hlwq_gguf.build import ensure_build
     from hlwq_gguf.llama_tools import default_threads
 
@@ -56,11 +56,13 @@ def main() -> None:
     build = ensure_build()
     files = model_files(args.source, threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    logs = paths.cache_root() / "server-load-logs"  # the servers' logs: a few hundred KB each, not results
+    logs.mkdir(parents=True, exist_ok=True)
     rows = []
     for weights, kv in CONFIGS:
         name = f"{weights} + {kv} KV"
         print(f"{name}: {args.requests} requests from {args.clients} clients ...", flush=True)
-        with serverload.llama_server(build, files[weights], args.out / f"{weights}-{kv}.log", parallel=args.clients,
+        with serverload.llama_server(build, files[weights], logs / f"{weights}-{kv}.log", parallel=args.clients,
                                      ctx_per_slot=512, kv_type=kv, threads=threads) as server:
             result = serverload.run_load(server, args.requests, args.clients, args.max_tokens)
             alive = server.process.poll() is None
