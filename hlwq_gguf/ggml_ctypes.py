@@ -26,6 +26,15 @@ class _TypeTraitsCpu(ctypes.Structure):
     _fields_ = [("from_float", _FROM_FLOAT), ("vec_dot", _VEC_DOT), ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
 
 
+class _GGUFInitParams(ctypes.Structure):
+    """struct gguf_init_params { bool no_alloc; struct ggml_context ** ctx; }"""
+
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
 def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return ctypes.c_void_p(a.ctypes.data)
 
@@ -47,6 +56,10 @@ class GGML:
         self.base.ggml_hlwq_codebook_fingerprint.restype = ctypes.c_uint32
         self.base.ggml_validate_row_data.restype = ctypes.c_bool
         self.base.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+        self.base.ggml_log_set.argtypes = [_LOG_CALLBACK, ctypes.c_void_p]
+        self.base.gguf_init_from_file.restype = ctypes.c_void_p
+        self.base.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+        self.base.gguf_free.argtypes = [ctypes.c_void_p]
         self.cpu.ggml_cpu_init()
 
     @staticmethod
@@ -126,22 +139,13 @@ class GGML:
         """None when ggml's own GGUF parser (the one llama.cpp loads models with) accepts the file's header,
         metadata and tensor table, else its first complaint. It checks every count, length and offset against
         the file size; its log is captured instead of printed."""
-
-        class InitParams(ctypes.Structure):
-            _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-        log_callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
         messages: list[str] = []
-        collect = log_callback(lambda _level, text, _user: messages.append(text.decode(errors="replace")))
-        self.base.ggml_log_set.argtypes = [log_callback, ctypes.c_void_p]
-        self.base.gguf_init_from_file.restype = ctypes.c_void_p
-        self.base.gguf_init_from_file.argtypes = [ctypes.c_char_p, InitParams]
-        self.base.gguf_free.argtypes = [ctypes.c_void_p]
+        collect = _LOG_CALLBACK(lambda _level, text, _user: messages.append(text.decode(errors="replace")))
         self.base.ggml_log_set(collect, None)
         try:
-            context = self.base.gguf_init_from_file(str(path).encode(), InitParams(True, None))
+            context = self.base.gguf_init_from_file(str(path).encode(), _GGUFInitParams(True, None))
         finally:
-            self.base.ggml_log_set(log_callback(), None)  # NULL: ggml's default logger again
+            self.base.ggml_log_set(_LOG_CALLBACK(), None)  # NULL: ggml's default logger again
         if context:
             self.base.gguf_free(context)
             return None

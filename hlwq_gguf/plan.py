@@ -172,10 +172,10 @@ def read_layout(path: str | Path) -> ModelLayout:
         raise PlanError(str(e)) from None
     try:
         return _layout(path, reader)
+    except PlanError:
+        raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
         # metadata of the wrong kind (a string where a count belongs, a malformed array): one line, not a traceback
-        if isinstance(e, PlanError):
-            raise
         raise PlanError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from None
 
 
