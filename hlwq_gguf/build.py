@@ -50,6 +50,9 @@ class Build:
         return f"llama.cpp b{paths.LLAMA_CPP_BUILD_NUMBER} ({paths.LLAMA_CPP_COMMIT}) + ggml_patch series {series}"
 
 
+CUDA_FA_QUANTS = ["q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16", "hlwq4_64-hlwq4_64", "hlwq3_64-hlwq3_64"]
+
+
 def build_key(cuda: bool, cuda_arch: str | None) -> str:
     variant = f"cuda-{cuda_arch or 'native'}" if cuda else "cpu"
     return f"{upstream.patch_series_hash()}-{variant}"
@@ -72,7 +75,9 @@ def _cmake_args(cuda: bool, cuda_arch: str | None) -> list[str]:
     if shutil.which("ccache"):
         args.append("-DGGML_CCACHE=ON")
     if cuda:
-        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch or 'native'}"]
+        args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch or 'native'}",
+                 # upstream's default flash-attention vector kernels plus the HLWQ KV cache pairs
+                 f"-DGGML_CUDA_FA_QUANTS={';'.join(CUDA_FA_QUANTS)}"]
     return args
 
 

@@ -29,6 +29,10 @@ CUDA_DIR = Path("ggml/src/ggml-cuda")
 DEFINES = ["GGML_USE_CUDA", "GGML_CUDA_NO_VMM", "GGML_CUDA_USE_GRAPHS", "GGML_BUILD", "GGML_SHARED",
            "GGML_BACKEND_BUILD", "GGML_BACKEND_SHARED", "GGML_SCHED_MAX_COPIES=4", "GGML_CUDA_PEER_MAX_BATCH_SIZE=128",
            "_GNU_SOURCE", "_XOPEN_SOURCE=600", "NDEBUG"]
+# every flash-attention vector kernel combination the cmake option can enable (ggml/cmake/common.cmake)
+_FA_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16"]
+_FA_HLWQ_TYPES = ["hlwq3_64", "hlwq4_64"]
+DEFINES += [f"GGML_CUDA_FA_{k.upper()}_{v.upper()}=1" for types in (_FA_TYPES, _FA_HLWQ_TYPES) for k in types for v in types]
 HOST_FLAGS = "-Wall -Wextra -Wcast-qual -Wno-unused-function -Wmissing-declarations -Wmissing-noreturn -Wno-pedantic"
 # "file:line:col: warning:" from the host compiler, "file(line): warning #N-D:" from nvcc's front end
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^\s:()]+?)(?::(?P<line>\d+):\d+:|\((?P<line2>\d+)\):) (?P<kind>warning|error)")

@@ -15,5 +15,8 @@ def test_patched_cuda_sources_compile():
     result = cudacheck.check(progress=lambda _: None)
     print(f"compiled for sm_{result.arch}{' (cached)' if result.cached else ''}: {result.compiled}")
     assert result.ok, result.errors + result.introduced_warnings
-    # the HLWQ kernels and their dispatch: dequantize (convert.cu), GET_ROWS, the MMVQ exclusion, supports_op
-    assert {"convert.cu", "getrows.cu", "mmvq.cu", "ggml-cuda.cu"} <= {name.rsplit("/", 1)[-1] for name in result.compiled}
+    # the HLWQ kernels and their dispatch: dequantize (convert.cu), GET_ROWS, the MMVQ exclusion and HLWQ's own
+    # vector kernel, the KV cache's SET_ROWS/CPY, the flash-attention dispatch and its HLWQ instances, supports_op
+    compiled = {name.rsplit("/", 1)[-1] for name in result.compiled}
+    assert {"convert.cu", "getrows.cu", "mmvq.cu", "mmvq-hlwq.cu", "hlwq-kv.cu", "set-rows.cu", "cpy.cu", "fattn.cu",
+            "ggml-cuda.cu", "fattn-vec-instance-hlwq4_64-hlwq4_64.cu"} <= compiled

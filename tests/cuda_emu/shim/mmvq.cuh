@@ -1,0 +1,3 @@
+#pragma once
+#include "common.cuh"
+#define MMVQ_MAX_BATCH_SIZE 8
