@@ -4,8 +4,9 @@ kernels' source from the patched tree (hlwq.cuh, hlwq-kv.cu, mmvq-hlwq.cu) is co
 the launch syntax. tests/cuda_emu/hlwq_emu_test.cpp compares them with ggml's CPU code: the KV quantizer must give
 the CPU quantizer's bytes for all 16 types, the dequantizer, GET_ROWS and the rotation its values, and the vector
 kernel (MUL_MAT with 1-8 columns and broadcast channels, MUL_MAT_ID) the products within test-backend-ops'
-tolerance. What this cannot show (timing, coalescing, a real GPU's memory model, the flash-attention kernels that
-live inside upstream's templates) is scripts/gpu_selftest.sh's job."""
+tolerance, and flash attention's HLWQ functions (cut out of fattn-common.cuh) the rotated-domain K . Q and V values
+for the lanes fattn-vec.cuh gives them. What this cannot show (timing, coalescing, a real GPU's memory model, the
+flash-attention kernel itself and fattn.cu's calls of the rotation around it) is scripts/gpu_selftest.sh's job."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +21,8 @@ from hlwq_gguf import paths, upstream
 
 HERE = Path(__file__).parent / "cuda_emu"
 KERNEL_FILES = ["hlwq.cuh", "hlwq-kv.cuh", "hlwq-kv.cu", "mmvq-hlwq.cuh", "mmvq-hlwq.cu"]
+FATTN_START = "// HLWQ K and V are read in their rotated domain"
+FATTN_END = "template <ggml_type type_K, int D, int nthreads>\nconstexpr __device__ vec_dot_KQ_t get_vec_dot_KQ()"
 # `kernel<T><<<grid, block, shmem, stream>>>(` -> `emu_launch(grid, block, shmem, stream, <a call of kernel<T>>, `
 # (a generic lambda, so template arguments CUDA deduces from the call are deduced here too)
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^;<>]*>)?)<<<(.*?)>>>\(", re.S)
@@ -32,6 +35,11 @@ def emulator_sources(tree: Path, target: Path) -> None:
         text = (tree / "ggml/src/ggml-cuda" / name).read_text()
         (target / name).write_text(_LAUNCH.sub(
             lambda m: f"emu_launch({m.group(2)}, [](auto... emu_args) {{ {m.group(1)}(emu_args...); }}, ", text))
+    # flash attention's HLWQ K and V functions, cut out of fattn-common.cuh (the rest of it needs real CUDA)
+    common = (tree / "ggml/src/ggml-cuda/fattn-common.cuh").read_text()
+    start = common.index(FATTN_START)
+    end = common.index(FATTN_END, start)
+    (target / "fattn-hlwq.cuh").write_text('#pragma once\n#include "hlwq.cuh"\n' + common[start:end])
     for shim in (HERE / "shim").iterdir():
         shutil.copy(shim, target / shim.name)
     shutil.copy(HERE / "hlwq_emu_test.cpp", target / "hlwq_emu_test.cpp")
@@ -41,7 +49,7 @@ def emulator_sources(tree: Path, target: Path) -> None:
 def emulator(llama_build) -> Path:
     tree = upstream.patched_tree()
     digest = hashlib.sha256(b"".join(
-        [(tree / "ggml/src/ggml-cuda" / n).read_bytes() for n in KERNEL_FILES]
+        [(tree / "ggml/src/ggml-cuda" / n).read_bytes() for n in [*KERNEL_FILES, "fattn-common.cuh"]]
         + [p.read_bytes() for p in sorted(HERE.rglob("*")) if p.is_file()])).hexdigest()[:16]
     work = paths.cache_root() / "cuda-emu" / digest
     binary = work / "hlwq_emu_test"
@@ -67,6 +75,6 @@ def test_cuda_kernels_emulated_on_cpu(emulator):
     failed = [line for line in lines if line.startswith("FAIL")]
     assert result.returncode == 0 and not failed, "\n".join(failed) + result.stderr[-3000:]
     # every kind of case ran, for every type where it applies
-    for kind, count in {"SET_ROWS": 16, "CPY f32": 16, "-> f32": 16, "GET_ROWS": 16, "rotate": 2,
-                        "MUL_MAT ": 24, "MUL_MAT_ID": 18}.items():
+    for kind, count in {"SET_ROWS": 16, "CPY f32": 16, "-> f32": 16, "GET_ROWS": 16, "rotate qk=": 2,
+                        "MUL_MAT ": 24, "MUL_MAT_ID": 18, "FA vec_dot_KQ": 4, "FA dequantize_V": 4}.items():
         assert sum(kind in line for line in lines if line.startswith("OK")) == count, kind

@@ -6,6 +6,7 @@
 #include "mmvq-hlwq.cu"
 
 #include "ggml-hlwq.h"
+#include "fattn-hlwq.cuh" // vec_dot_fattn_vec_KQ_hlwq and dequantize_V_hlwq, cut out of fattn-common.cuh
 
 #include <algorithm>
 #include <cstdio>
@@ -263,6 +264,87 @@ static void test_mul_mat_id(ggml_type type, int64_t n_tokens, bool broadcast) {
     ggml_free(ctx);
 }
 
+// Flash attention's HLWQ functions as fattn-vec.cuh calls them: a group of nthreads lanes dots one K row with Q,
+// each lane holding the ints k_KQ_0 + lane of the q8_1 image of the rotated Q and the (d, sum) of their 32-blocks;
+// V values come out in the rotated domain, d * c[code] / sqrt(qk)
+template <ggml_type type, int D>
+static void test_fattn(const std::vector<float> & q_rotated, const std::vector<uint8_t> & k_row) {
+    constexpr int nthreads = D/4 < WARP_SIZE ? D/4 : WARP_SIZE;
+    constexpr int qk = QK_HLWQ_64;
+    std::vector<int32_t> q_i32(D/4);
+    std::vector<float2>  q_ds(D/32);
+    for (int g = 0; g < D/32; ++g) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(q_rotated[g*32 + j]));
+        const float d = amax/127.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; ++j) {
+            const int8_t v = (int8_t) roundf(d > 0.0f ? q_rotated[g*32 + j]/d : 0.0f);
+            ((int8_t *) q_i32.data())[g*32 + j] = v;
+            sum += v;
+        }
+        q_ds[g] = make_float2(d, d*sum);
+    }
+    std::vector<float> partial(nthreads);
+    auto kernel = [&]() {
+        int    q8[D/(4*nthreads)];
+        float2 ds[D/(4*nthreads)];
+        for (int k0 = 0; k0 < D/4; k0 += nthreads) {
+            q8[k0/nthreads] = q_i32[k0 + threadIdx.x % nthreads];
+            ds[k0/nthreads] = q_ds[(k0 + threadIdx.x % nthreads)/8];
+        }
+        partial[threadIdx.x] = vec_dot_fattn_vec_KQ_hlwq<type, D, nthreads>((const char *) k_row.data(), nullptr, q8, ds);
+    };
+    emu_launch(dim3(1), dim3(nthreads), 0, nullptr, kernel);
+    double got = 0.0;
+    for (float p : partial) got += p;
+
+    // the reference: rotated K values times the q8_1 values of Q
+    const auto * cb = ggml_hlwq_get_codebook(GGML_HLWQ_TABLE_CONVERGED, type == GGML_TYPE_HLWQ3_64 ? 3 : 4)->values;
+    const int bits = type == GGML_TYPE_HLWQ3_64 ? 3 : 4;
+    const size_t bs = ggml_type_size(type);
+    std::vector<float> k_rotated(D);
+    double want = 0.0;
+    for (int b = 0; b < D/qk; ++b) {
+        const uint8_t * block = k_row.data() + b*bs;
+        _Float16 dh;
+        memcpy(&dh, block, sizeof(dh));
+        uint8_t codes[QK_HLWQ_64];
+        ggml_hlwq_unpack_codes(block + 2, block + 2 + ggml_hlwq_qs_size(bits, qk), codes, bits, qk);
+        const float d = (float) dh/sqrtf((float) qk);
+        for (int j = 0; j < qk; ++j) {
+            k_rotated[b*qk + j] = d*cb[codes[j]];
+            want += (double) k_rotated[b*qk + j]*q_ds[(b*qk + j)/32].x*((const int8_t *) q_i32.data())[b*qk + j];
+        }
+    }
+    const double rel = fabs(got - want)/fmax(fabs(want), 1e-30);
+    report(rel < 1e-5, std::string("FA vec_dot_KQ ") + ggml_type_name(type) + " D=" + std::to_string(D) +
+        " (" + std::to_string(nthreads) + " lanes): relative error " + std::to_string(rel));
+
+    float max_rel = 0.0f;
+    for (int i0 = 0; i0 < D; i0 += 4) {
+        float v[4];
+        dequantize_V_hlwq<type, float, 4>(k_row.data(), v, i0);
+        for (int l = 0; l < 4; ++l) {
+            max_rel = fmaxf(max_rel, fabsf(v[l] - k_rotated[i0 + l])/fmaxf(fabsf(k_rotated[i0 + l]), 1e-30f));
+        }
+    }
+    report(max_rel <= 1e-6f, std::string("FA dequantize_V ") + ggml_type_name(type) + " D=" + std::to_string(D) +
+        ": max relative difference " + std::to_string(max_rel) + " to the rotated-domain values");
+}
+
+template <ggml_type type, int D>
+static void test_fattn_case() {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> k(D), q(D);
+    for (float & v : k) v = normal(rng);
+    for (float & v : q) v = normal(rng);
+    std::vector<uint8_t> k_row(ggml_row_size(type, D));
+    ggml_quantize_chunk(type, k.data(), k_row.data(), 0, 1, D, nullptr);
+    for (int b = 0; b < D; b += QK_HLWQ_64) ggml_hlwq_fwht(q.data() + b, QK_HLWQ_64);
+    test_fattn<type, D>(q, k_row);
+}
+
 int main() {
     static const ggml_type types[] = {
         GGML_TYPE_HLWQ3, GGML_TYPE_HLWQ4, GGML_TYPE_HLWQ5, GGML_TYPE_HLWQ6,
@@ -287,6 +369,10 @@ int main() {
             test_mul_mat_id(type, tokens, true);
         }
     }
+    test_fattn_case<GGML_TYPE_HLWQ3_64,  64>();
+    test_fattn_case<GGML_TYPE_HLWQ3_64, 128>();
+    test_fattn_case<GGML_TYPE_HLWQ4_64, 128>();
+    test_fattn_case<GGML_TYPE_HLWQ4_64, 256>();
     printf("%d failures\n", failures);
     return failures != 0;
 }
