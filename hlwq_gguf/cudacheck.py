@@ -29,10 +29,6 @@ CUDA_DIR = Path("ggml/src/ggml-cuda")
 DEFINES = ["GGML_USE_CUDA", "GGML_CUDA_NO_VMM", "GGML_CUDA_USE_GRAPHS", "GGML_BUILD", "GGML_SHARED",
            "GGML_BACKEND_BUILD", "GGML_BACKEND_SHARED", "GGML_SCHED_MAX_COPIES=4", "GGML_CUDA_PEER_MAX_BATCH_SIZE=128",
            "_GNU_SOURCE", "_XOPEN_SOURCE=600", "NDEBUG"]
-# every flash-attention vector kernel combination the cmake option can enable (ggml/cmake/common.cmake)
-_FA_TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16", "f16"]
-_FA_HLWQ_TYPES = ["hlwq3_64", "hlwq4_64"]
-DEFINES += [f"GGML_CUDA_FA_{k.upper()}_{v.upper()}=1" for types in (_FA_TYPES, _FA_HLWQ_TYPES) for k in types for v in types]
 HOST_FLAGS = "-Wall -Wextra -Wcast-qual -Wno-unused-function -Wmissing-declarations -Wmissing-noreturn -Wno-pedantic"
 # "file:line:col: warning:" from the host compiler, "file(line): warning #N-D:" from nvcc's front end
 _DIAGNOSTIC = re.compile(r"^(?P<file>[^\s:()]+?)(?::(?P<line>\d+):\d+:|\((?P<line2>\d+)\):) (?P<kind>warning|error)")
@@ -108,11 +104,25 @@ def touched_sources(pristine_root: Path, patched_root: Path) -> tuple[list[Path]
     return sorted(sources), added
 
 
+def flash_attention_defines(tree: Path) -> list[str]:
+    """Every flash-attention vector kernel pair switched on, from the type lists of the tree's cmake function
+    (ggml/cmake/common.cmake: generic types pair with each other, HLWQ types with each other)."""
+    text = (tree / "ggml/cmake/common.cmake").read_text()
+    defines = []
+    for name in ("FA_TYPES", "FA_HLWQ_TYPES"):
+        match = re.search(rf"set\({name} ([^)]*)\)", text)
+        if match is None:
+            raise CudaCheckError(f"{name} not found in ggml/cmake/common.cmake")
+        types = match.group(1).split()
+        defines += [f"GGML_CUDA_FA_{k.upper()}_{v.upper()}=1" for k in types for v in types]
+    return defines
+
+
 def _nvcc_command(source: Path, tree: Path, include_cublas: Path, arch: str, out: Path) -> list[str]:
     return ["nvcc", "-std=c++17", f"-arch=sm_{arch}", "-O3", "-use_fast_math", "-extended-lambda",
             "-I", str(tree / "ggml/include"), "-I", str(tree / "ggml/src"), "-I", str(tree / CUDA_DIR),
-            "-I", str(include_cublas), *[f"-D{d}" for d in DEFINES], "-Xcompiler", HOST_FLAGS,
-            "-c", str(tree / source), "-o", str(out)]
+            "-I", str(include_cublas), *[f"-D{d}" for d in DEFINES + flash_attention_defines(tree)],
+            "-Xcompiler", HOST_FLAGS, "-c", str(tree / source), "-o", str(out)]
 
 
 def check(arch: str = DEFAULT_ARCH, jobs: int = 2, progress=print) -> CudaCheck:
@@ -123,7 +133,7 @@ def check(arch: str = DEFAULT_ARCH, jobs: int = 2, progress=print) -> CudaCheck:
     pristine = upstream.pristine_tree()
     sources, added = touched_sources(pristine, tree)
     version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    key = hashlib.sha256("\n".join([version, arch, HOST_FLAGS, *DEFINES, *(
+    key = hashlib.sha256("\n".join([version, arch, HOST_FLAGS, *DEFINES, *flash_attention_defines(tree), *(
         f"{p}:{hashlib.sha256((tree / p).read_bytes()).hexdigest()}" for p in sorted(
             q.relative_to(tree) for q in (tree / CUDA_DIR).rglob("*") if q.is_file()))]).encode()).hexdigest()[:16]
     stamp = paths.cache_root() / "cuda-check" / f"{key}.ok"
