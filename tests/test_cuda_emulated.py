@@ -76,5 +76,5 @@ def test_cuda_kernels_emulated_on_cpu(emulator):
     assert result.returncode == 0 and not failed, "\n".join(failed) + result.stderr[-3000:]
     # every kind of case ran, for every type where it applies
     for kind, count in {"SET_ROWS": 16, "CPY f32": 16, "-> f32": 16, "GET_ROWS": 16, "rotate qk=": 2,
-                        "MUL_MAT ": 24, "MUL_MAT_ID": 18, "FA vec_dot_KQ": 4, "FA dequantize_V": 4}.items():
+                        "MUL_MAT ": 32, "MUL_MAT_ID": 24, "FA vec_dot_KQ": 4, "FA dequantize_V": 4}.items():
         assert sum(kind in line for line in lines if line.startswith("OK")) == count, kind

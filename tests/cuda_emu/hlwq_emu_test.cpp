@@ -360,7 +360,7 @@ int main() {
         test_cpy(type);
         test_get_rows(type);
     }
-    for (ggml_type type : { GGML_TYPE_HLWQ5, GGML_TYPE_HLWQ3, GGML_TYPE_HLWQ4_64 }) {
+    for (ggml_type type : { GGML_TYPE_HLWQ5, GGML_TYPE_HLWQ3, GGML_TYPE_HLWQ4_64, GGML_TYPE_HLWQ6_64 }) {
         for (int64_t n = 1; n <= MMVQ_MAX_BATCH_SIZE; ++n) {
             test_mul_mat(type, n);
         }
