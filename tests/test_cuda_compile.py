@@ -4,10 +4,11 @@ scripts/gpu_selftest.sh's job (test-backend-ops -b CUDA0 against the CPU backend
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
-from hlwq_gguf import cudacheck
+from hlwq_gguf import cudacheck, upstream
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
@@ -20,3 +21,31 @@ def test_patched_cuda_sources_compile():
     compiled = {name.rsplit("/", 1)[-1] for name in result.compiled}
     assert {"convert.cu", "getrows.cu", "mmvq.cu", "mmvq-hlwq.cu", "hlwq-kv.cu", "set-rows.cu", "cpy.cu", "fattn.cu",
             "ggml-cuda.cu", "fattn-vec-instance-hlwq4_64-hlwq4_64.cu"} <= compiled
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake on this machine")
+@pytest.mark.parametrize("quants, outcome", [
+    ("hlwq4_64-hlwq4_64;hlwq3_64-hlwq3_64;q4_0-q4_0", "GGML_CUDA_FA_HLWQ4_64_HLWQ4_64=1"),
+    ("all", "53 instances"),
+    ("f16-hlwq4_64", "pair only with each other"),
+    ("hlwq5_64-hlwq5_64", "unknown type \"hlwq5_64\""),
+])
+def test_flash_attention_type_option(tmp_path, quants, outcome):
+    """GGML_CUDA_FA_QUANTS as the patched ggml/cmake/common.cmake reads it: the HLWQ pairs compile their vector
+    kernel instances, `all` adds the four HLWQ pairs to upstream's 49, and an HLWQ type paired with another type
+    (which no kernel reads) or an HLWQ type without a kernel is refused with a message."""
+    tree = upstream.patched_tree()
+    (tmp_path / "CMakeLists.txt").write_text(f"""cmake_minimum_required(VERSION 3.14)
+project(fa_option NONE)
+include({tree}/ggml/cmake/common.cmake)
+ggml_cuda_fattn_vec_instances({tree}/ggml/src/ggml-cuda SRCS)
+list(LENGTH SRCS N)
+message(STATUS "${{N}} instances")
+get_directory_property(DEFS COMPILE_DEFINITIONS)
+message(STATUS "${{DEFS}}")
+""")
+    result = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"), f"-DGGML_CUDA_FA_QUANTS={quants}"],
+                            capture_output=True, text=True)
+    out = " ".join((result.stdout + result.stderr).split())
+    assert outcome in out, out[-2000:]
+    assert (result.returncode == 0) == (outcome.startswith("GGML") or outcome.endswith("instances")), out[-2000:]
