@@ -50,7 +50,9 @@ class Build:
         return f"llama.cpp b{paths.LLAMA_CPP_BUILD_NUMBER} ({paths.LLAMA_CPP_COMMIT}) + ggml_patch series {series}"
 
 
-CUDA_FA_QUANTS = ["q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16", "hlwq4_64-hlwq4_64", "hlwq3_64-hlwq3_64"]
+CUDA_FA_QUANTS = ["q4_0-q4_0", "q8_0-q8_0", "f16-f16", "bf16-bf16", "hlwq4_64-hlwq4_64", "hlwq3_64-hlwq3_64",
+                  # an 8-bit K with an HLWQ V: the models whose K does not take a low-bit code (Qwen2's key bias)
+                  "q8_0-hlwq4_64", "q8_0-hlwq3_64"]
 
 
 def build_key(cuda: bool, cuda_arch: str | None) -> str:

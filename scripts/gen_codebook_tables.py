@@ -1,70 +1,174 @@
 #!/usr/bin/env python3
-"""Print the C tables of the HLWQ codebooks for ggml-common.h.
+"""The HLWQ codebooks: compute the int8-grid tables, and print the C tables for ggml-common.h.
 
-    python scripts/gen_codebook_tables.py                      # converged tables, 2-6 bits: hlwq_codebook_{bits}
-    python scripts/gen_codebook_tables.py reference_A a 3,4,5,6  # hlwq_codebook_a{bits} (lossless import types)
+    python scripts/gen_codebook_tables.py json   # (re)compute the lloyd_int8 tables and the int8 images of the
+                                                 # reference tables into hlwq_gguf/data/codebooks.json
+    python scripts/gen_codebook_tables.py c      # print every C table (canonical 2..6 bits, reference A/B 3..6)
 
-The fp32 tables are emitted as hex-float literals (exact bit patterns); the int16
-tables used by the integer dot product are round(c * scale) with the scale of
-hlwq_gguf.codec.int16_scale (4096 unless the table reaches |c| >= 4, as the
-reference's 6-bit table A does: then 2048), which keeps |t| < 2^14 for the SIMD split.
+Every kernel multiplies int8 codebook entries with int8 activations (AVX2 maddubs, AVX-512 VNNI, CUDA dp4a), so a
+codebook is an int8 table t and a step: c[k] = fp32(step * t[k]).
+
+* lloyd_int8 (what hlwq-gguf quantizes with): the Lloyd-Max quantizer of N(0,1) constrained to that grid, outer
+  entries at +-127. Start from the converged Lloyd-Max table rounded to the grid, run the discrete Lloyd iteration,
+  then descend coordinate-wise (each inner entry +-1, its mirror with it) with the step re-optimised for every
+  candidate. The distortion is computed from exact N(0,1) integrals, so the tables are deterministic.
+* reference_A/B (imported checkpoints): the fp32 tables stay as the reference wrote them and decode exactly; the
+  kernels use their int8 image round(c / step) with step = max|c| / 127.
 """
 import json
+import math
 import struct
 import sys
 from pathlib import Path
 
-import numpy as np
-
 TABLES = Path(__file__).resolve().parents[1] / "hlwq_gguf" / "data" / "codebooks.json"
+CANONICAL = "lloyd_int8"
+C_TABLES = [(CANONICAL, "", (2, 3, 4, 5, 6)), ("reference_A", "a", (3, 4, 5, 6)), ("reference_B", "b", (3, 4, 5, 6))]
 
 
-def _hex(v: np.float32) -> str:
+def _phi(x: float) -> float:
+    return math.exp(-x * x / 2) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
+
+
+def _cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2))) if math.isfinite(x) else float(x > 0)
+
+
+def _edges(c: list[float]) -> list[float]:
+    return [-math.inf] + [(a + b) / 2 for a, b in zip(c, c[1:])] + [math.inf]
+
+
+def distortion(c: list[float]) -> float:
+    """E[(x - c[nearest(x)])^2] for x ~ N(0,1), from exact integrals over the nearest-centroid cells."""
+    edges, total = _edges(c), 0.0
+    for k, ck in enumerate(c):
+        a, b = edges[k], edges[k + 1]
+        m0 = _cdf(b) - _cdf(a)
+        m1 = _phi(a) - _phi(b)
+        m2 = m0 + (a * _phi(a) if math.isfinite(a) else 0.0) - (b * _phi(b) if math.isfinite(b) else 0.0)
+        total += m2 - 2 * ck * m1 + ck * ck * m0
+    return total
+
+
+def _centroids(c: list[float]) -> list[float]:
+    edges = _edges(c)
+    return [(_phi(edges[k]) - _phi(edges[k + 1])) / (_cdf(edges[k + 1]) - _cdf(edges[k])) for k in range(len(c))]
+
+
+def _best_step(t: list[int], guess: float) -> tuple[float, float]:
+    """Golden-section search of the step minimising the distortion of step * t (unimodal near the optimum)."""
+    lo, hi = guess * 0.9, guess * 1.1
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = distortion([a * v for v in t]), distortion([b * v for v in t])
+    while hi - lo > guess * 1e-10:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = distortion([a * v for v in t])
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = distortion([b * v for v in t])
+    step = (lo + hi) / 2
+    return step, distortion([step * v for v in t])
+
+
+def _clip(v: float) -> int:
+    return max(-127, min(127, round(v)))
+
+
+def lloyd_int8(converged: list[float]) -> tuple[list[int], float]:
+    """The int8 table and step of the grid-constrained Lloyd-Max quantizer (see the module docstring)."""
+    step = max(abs(v) for v in converged) / 127
+    t = [_clip(v / step) for v in converged]
+    seen = set()
+    while tuple(t) not in seen:
+        seen.add(tuple(t))
+        t = [_clip(v / step) for v in _centroids([step * v for v in t])]
+    step, best = _best_step(t, step)
+    n, improved = len(t), True
+    while improved:
+        improved = False
+        for k in range(n // 2, n - 1):
+            for delta in (-1, 1):
+                cand = list(t)
+                cand[k] += delta
+                cand[n - 1 - k] = -cand[k]
+                if cand[k] < 1 or any(a >= b for a, b in zip(cand, cand[1:])):
+                    continue
+                cand_step, value = _best_step(cand, step)
+                if value < best - 1e-13:
+                    t, step, best, improved = cand, cand_step, value, True
+    return t, step
+
+
+def _fp32(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def _fp32_hex(v: float) -> str:
+    return struct.pack(">f", v).hex()
+
+
+def update_json() -> None:
+    data = json.loads(TABLES.read_text())
+    for bits, entry in data["tables"].items():
+        t, step = lloyd_int8(entry["converged"]["values"])
+        step = _fp32(step)
+        values = [_fp32(step * v) for v in t]
+        entry[CANONICAL] = {"values": values, "fp32_hex": [_fp32_hex(v) for v in values], "int8": t, "step": step,
+                            "mse_on_N01": round(distortion(values), 8)}
+        for name in ("reference_A", "reference_B"):
+            ref = entry[name]["values"]
+            ref_step = _fp32(max(abs(v) for v in ref) / 127)
+            ref_t = [_clip(v / ref_step) for v in ref]
+            entry[name]["int8"] = ref_t
+            entry[name]["step"] = ref_step
+            entry[name]["mse_on_N01_int8"] = round(distortion([ref_step * v for v in ref_t]), 8)
+        print(f"{bits} bits: {CANONICAL} distortion {entry[CANONICAL]['mse_on_N01']:.7f}, "
+              f"converged {entry['converged']['mse_on_N01']:.7f} "
+              f"(+{100 * (entry[CANONICAL]['mse_on_N01'] / entry['converged']['mse_on_N01'] - 1):.2f} %)")
+    data["description"] = data["description"].split(" 'lloyd_int8'")[0] + (
+        " 'lloyd_int8': the Lloyd-Max quantizer of N(0,1) constrained to c = step * t with t int8 (|t| <= 127),"
+        " computed by scripts/gen_codebook_tables.py; what hlwq-gguf quantizes with, since every kernel multiplies"
+        " int8 entries. 'int8'/'step' of the reference tables: the int8 images the kernels use for imported"
+        " checkpoints, whose fp32 tables still decode exactly.")
+    TABLES.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _hex(v: float) -> str:
     mantissa, exponent = float(v).hex().split("p")
     return f"{mantissa.rstrip('0').rstrip('.')}p{exponent}"
 
 
-def int16_scale(vals: np.ndarray) -> int:
-    scale = 4096
-    while np.abs(vals).max() * scale >= 2**14:
-        scale //= 2
-    return scale
-
-
-def main(table: str = "converged", suffix: str = "", bit_list: str = "2,3,4,5,6") -> None:
+def print_c_tables() -> None:
     data = json.loads(TABLES.read_text())["tables"]
-    for bits in (int(b) for b in bit_list.split(",")):
-        hexes = data[str(bits)][table]["fp32_hex"]
-        vals = np.array([struct.unpack(">f", bytes.fromhex(h))[0] for h in hexes], dtype=np.float32)
-        n = len(vals)
-        name = f"{suffix}{bits}"
-        scale = int16_scale(vals)
-        print(f"GGML_TABLE_BEGIN(float, hlwq_codebook_{name}, {n})")
-        for i in range(0, n, 4):
-            print("    " + " ".join(f"{_hex(v)}f," for v in vals[i:i + 4]))
-        print("GGML_TABLE_END()\n")
-        i16 = np.rint(vals.astype(np.float64) * scale).astype(np.int64)
-        assert np.all(np.abs(i16) < 2**14), "int16 table must fit the 7-bit split used by the SIMD dot"
-        if scale != 4096:
-            print(f"// int16 scale {scale}: this table reaches |c| >= 4")
-        print(f"GGML_TABLE_BEGIN(int16_t, hlwq_codebook_i16_{name}, {n})")
-        for i in range(0, n, 8):
-            print("    " + " ".join(f"{int(v)}," for v in i16[i:i + 8]))
-        print("GGML_TABLE_END()\n")
-        # The SIMD dot product uses the symmetry of the tables, t[n-1-m] = -t[m] (exact in int16): it looks up
-        # the magnitude |t| of the lower half (index m = code ^ (n-1) when the code's top bit is set, else code)
-        # and moves the sign onto the activation. |t| = 128*hi + lo is split in two byte tables (both < 128, so
-        # the products stay in maddubs range), padded to 16 entries so a 16-byte shuffle table can always be loaded.
-        half = n // 2
-        assert np.array_equal(i16[::-1], -i16) and np.all(i16[:half] < 0), f"{bits}-bit table is not symmetric"
-        magnitude = np.zeros(max(half, 16), dtype=np.int64)
-        magnitude[:half] = -i16[:half]
-        assert magnitude.max() < 128 * 128
-        for part, values in (("lo", magnitude & 127), ("hi", magnitude >> 7)):
-            print(f"GGML_TABLE_BEGIN(uint8_t, hlwq_codebook_mag{part}_{name}, {len(values)})")
-            for i in range(0, len(values), 16):
-                print("    " + " ".join(f"{int(v)}," for v in values[i:i + 16]))
+    for table, suffix, bit_widths in C_TABLES:
+        for bits in bit_widths:
+            entry = data[str(bits)][table]
+            values = [struct.unpack(">f", bytes.fromhex(h))[0] for h in entry["fp32_hex"]]
+            t, n, name = entry["int8"], 1 << bits, f"{suffix}{bits}"
+            assert t == [-v for v in reversed(t)] and all(v > 0 for v in t[n // 2:]), f"{table}/{bits} is not symmetric"
+            print(f"GGML_TABLE_BEGIN(float, hlwq_codebook_{name}, {n})")
+            for i in range(0, n, 4):
+                print("    " + " ".join(f"{_hex(v)}f," for v in values[i:i + 4]))
             print("GGML_TABLE_END()\n")
+            print(f"GGML_TABLE_BEGIN(int8_t, hlwq_kvalues_{name}, {n})")
+            for i in range(0, n, 16):
+                print("    " + " ".join(f"{v}," for v in t[i:i + 16]))
+            print("GGML_TABLE_END()\n")
+            # the upper half's entries: the SIMD kernels look up magnitudes and move the sign onto the activation
+            mag = t[n // 2:] + [0] * max(0, 16 - n // 2)
+            print(f"GGML_TABLE_BEGIN(uint8_t, hlwq_kmag_{name}, {len(mag)})")
+            for i in range(0, len(mag), 16):
+                print("    " + " ".join(f"{v}," for v in mag[i:i + 16]))
+            print("GGML_TABLE_END()\n")
+        steps = " ".join(f"{_hex(data[str(b)][table]['step'])}f," for b in bit_widths)
+        name = f"hlwq_kvalues_step{'_' + suffix if suffix else ''}"
+        print(f"// the step of hlwq_kvalues_{suffix}<bits> for bits {bit_widths[0]}..{bit_widths[-1]}: c = step * t")
+        print(f"GGML_TABLE_BEGIN(float, {name}, {len(bit_widths)})\n    {steps}\nGGML_TABLE_END()\n")
+
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    {"json": update_json, "c": print_c_tables}[sys.argv[1] if len(sys.argv) > 1 else "c"]()

@@ -45,20 +45,47 @@ def test_codebooks_are_sorted_antisymmetric_and_cached():
         codec.load_codebook(4, "reference_C")
 
 
-def test_int16_table_has_no_rounding_ties_and_fits():
+def test_int8_tables_are_the_codebooks_grid():
+    """Every table has an int8 image t with c ~= step * t: exact for the canonical tables, the nearest grid point
+    of step = max|c| / 127 for the reference ones (their own fp32 values stay what they decode to)."""
     for bits in range(2, 7):
         for table in codec.TABLES:
-            scale = codec.int16_scale(bits, table)
-            # the SIMD kernels split |T| into two 7-bit bytes; only the 6-bit table A needs the halved scale
-            assert np.abs(codec.load_codebook(bits, table)).max() * scale < 2**14
-            assert scale == (2048 if (bits, table) == (6, "reference_A") else 4096)
-            scaled = codec.load_codebook(bits, table).astype(np.float64) * scale
-            frac = np.abs(scaled - np.trunc(scaled))
-            assert not np.any(frac == 0.5)  # so rint (half-even) == C roundf (half-away)
-            t16 = codec.codebook_int16(bits, table)
-            assert np.array_equal(t16, np.sign(scaled) * np.floor(np.abs(scaled) + 0.5))
-            # 128 products with |qs| <= 127 must fit int32
-            assert np.abs(t16.astype(np.int64)).max() * 127 * 128 < 2**31
+            c = codec.load_codebook(bits, table).astype(np.float64)
+            t = codec.codebook_int8(bits, table)
+            step = codec.codebook_step(bits, table)
+            assert t.dtype == np.int8 and t.shape == c.shape and np.array_equal(t, -t[::-1]) and np.all(np.diff(t) > 0)
+            assert np.abs(t).max() == 127
+            if table == codec.CANONICAL_TABLE:
+                assert np.array_equal(codec.load_codebook(bits, table), (np.float64(step) * t).astype(np.float32))
+            else:
+                assert step == np.float32(np.abs(c).max() / 127)
+                assert np.array_equal(t, np.rint(c / np.float64(step)))
+            # 128 products with |qs| <= 127 fit int16 pairs in maddubs and the int32 block sum
+            assert 2 * 127 * 127 < 2**15
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 6])
+def test_lloyd_int8_loses_little_to_the_unconstrained_quantizer(bits):
+    """On N(0,1) samples, the canonical grid table is within a few percent of the converged Lloyd-Max quantizer's
+    distortion and better than the converged table simply rounded to the same grid (both scaled optimally)."""
+    tables = json.loads(codec.CODEBOOK_PATH.read_text())["tables"][str(bits)]
+    x = np.random.default_rng(bits).standard_normal(2_000_000)
+
+    def distortion(values):
+        values = np.sort(np.asarray(values, dtype=np.float64))
+        nearest = values[np.searchsorted((values[1:] + values[:-1]) / 2, x)]
+        return np.mean((x - nearest) ** 2)
+
+    converged = np.array(tables["converged"]["values"])
+
+    def best_scaled(grid_values):
+        step = np.abs(converged).max() / 127
+        return min(distortion(np.asarray(grid_values) * step * a) for a in np.linspace(0.95, 1.05, 41))
+
+    rounded = np.rint(converged * 127 / np.abs(converged).max())
+    ours = best_scaled(codec.codebook_int8(bits).astype(np.float64))
+    assert ours <= best_scaled(rounded) * 1.0005
+    assert ours <= {3: 1.003, 4: 1.003, 5: 1.012, 6: 1.05}[bits] * distortion(converged)
 
 
 @pytest.mark.parametrize("n", [64, 128, 256])
@@ -86,12 +113,12 @@ def test_hadamard_rotate_rejects_non_power_of_two():
 
 @pytest.mark.parametrize("bits", range(2, 7))
 def test_nearest_code_matches_argmin_and_breaks_ties_low(bits):
-    c = codec.load_codebook(bits, "converged")
+    c = codec.load_codebook(bits)
     rng = np.random.default_rng(bits)
     v = (rng.standard_normal(20000) * 2).astype(np.float32)
     brute = np.argmin(np.abs(v[:, None].astype(np.float64) - c[None, :]), axis=1)
     assert np.array_equal(codec.nearest_code(v, c), brute)
-    mids = codec.codebook_midpoints(bits, "converged")
+    mids = codec.codebook_midpoints(bits)
     assert np.array_equal(codec.nearest_code(mids, c), np.arange(len(mids)))
     assert codec.nearest_code(np.float32(0), c) == (1 << bits) // 2 - 1
     assert codec.nearest_code(np.float32(np.inf), c) == (1 << bits) - 1
@@ -120,7 +147,9 @@ def code_bit_map(bits: int, qk: int) -> list[tuple[int, int]]:
             owners.extend((i + qk // 2, b) for b in range(4))
 
     def bit_plane(code_bit):
-        owners.extend((j, code_bit) for j in range(qk))
+        # bit k of byte i: code i + k*QK/8
+        for i in range(qk // 8):
+            owners.extend((i + k * qk // 8, code_bit) for k in range(8))
 
     if bits == 3:
         quarter_plane(0)
@@ -221,11 +250,11 @@ def test_fit_beats_the_norm_scale(bits, qk):
     w_fit = codec.dequantize_blocks(d_fit, c_fit, bits, qk)
     assert relative_mse(blocks, w_fit) < FIT_RATIO_BOUND[bits, qk] * relative_mse(blocks, w_norm)
     # the search is not exhaustive: a block may keep a slightly worse optimum than the norm's, but rarely and
-    # by little
+    # by little (the 6-bit grid table has more local optima: 2-3 blocks in 1024 end up to 13 % worse)
     err_norm = ((w_norm - blocks) ** 2).sum(axis=1)
     err_fit = ((w_fit - blocks) ** 2).sum(axis=1)
     assert (err_fit <= err_norm).mean() >= 0.98
-    assert np.all(err_fit <= 1.05 * err_norm)
+    assert np.all(err_fit <= (1.15 if bits == 6 else 1.05) * err_norm)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
@@ -363,7 +392,7 @@ def dot_error_bound(packed_rows, x, qtype, table):
     """Worst-case |vec_dot_reference - dot(dequantize(row), x)| per row.
 
     Per block, with xr = x @ H = d_x * qs + e (|e| <= d_x / 2) and
-    c = T / 4096 + t:  s / sqrt(QK) * |sum(c xr) - sum(T/4096 d_x qs)|
+    c = step * T + t:  s / sqrt(QK) * |sum(c xr) - sum(step T d_x qs)|
     <= s / sqrt(QK) * sum(|c| |e| + |t| |xr| + |t| |e|).  A relative 1e-5 of
     the magnitude sum covers the fp32 rotations and accumulation.
     """
@@ -371,7 +400,7 @@ def dot_error_bound(packed_rows, x, qtype, table):
     d_w, codes = qtype.unpack_blocks(packed_rows.reshape(-1, qtype.type_size))
     n_blocks = x.size // qk
     c = codec.load_codebook(qtype.bits, table).astype(np.float64)
-    t = np.abs(c - codec.codebook_int16(qtype.bits, table) / codec.int16_scale(qtype.bits, table))
+    t = np.abs(c - codec.codebook_int8(qtype.bits, table) * np.float64(codec.codebook_step(qtype.bits, table)))
     d_x, _ = (codec.Q8HLWQ if qk == 128 else codec.Q8HLWQ_64).quantize_blocks(x.reshape(n_blocks, qk))
     xr = np.abs(codec.hadamard_rotate(x.reshape(n_blocks, qk)).astype(np.float64))
     e = d_x.astype(np.float64)[:, None] / 2
@@ -383,7 +412,7 @@ def dot_error_bound(packed_rows, x, qtype, table):
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=TYPE_IDS)
-@pytest.mark.parametrize("table", ["converged", "reference_A"])
+@pytest.mark.parametrize("table", [codec.CANONICAL_TABLE, "reference_A"])
 def test_vec_dot_reference_within_bound(qtype, table):
     rng = np.random.default_rng(qtype.type_size)
     width = 1024
@@ -403,7 +432,7 @@ def test_vec_dot_reference_within_bound(qtype, table):
 
 
 def test_vec_dot_constant():
-    # pins the 1 / (4096 * sqrt(QK)) constant: recompute the integer path in float64
+    # pins the step / sqrt(QK) constant: recompute the integer path in float64
     rng = np.random.default_rng(2)
     for qtype in (codec.HLWQ5, codec.HLWQ4_64):
         qk = qtype.block_size
@@ -411,8 +440,8 @@ def test_vec_dot_constant():
         x = rng.standard_normal(4 * qk).astype(np.float32)
         d_w, codes = qtype.unpack_blocks(packed.reshape(-1, qtype.type_size))
         d_x, qs = (codec.Q8HLWQ if qk == 128 else codec.Q8HLWQ_64).quantize_blocks(x.reshape(4, qk))
-        t16 = codec.codebook_int16(qtype.bits).astype(np.float64)
-        isum = (t16[codes].reshape(8, 4, qk) * qs).sum(-1)
-        expected = (d_w.astype(np.float64).reshape(8, 4) * d_x * isum).sum(-1) / (4096 * np.sqrt(qk))
+        t8 = codec.codebook_int8(qtype.bits).astype(np.float64)
+        isum = (t8[codes].reshape(8, 4, qk) * qs).sum(-1)
+        expected = (d_w.astype(np.float64).reshape(8, 4) * d_x * isum).sum(-1) * np.float64(codec.codebook_step(qtype.bits)) / np.sqrt(qk)
         ours = codec.vec_dot_reference(packed, x, qtype.bits, qk)
         assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()

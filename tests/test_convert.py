@@ -42,7 +42,7 @@ def test_converted_file_layout(smollm2_hlwq5, smollm2_f32_gguf):
     # SmolLM2's 576-wide rows take the 64-block type; its 1536-wide ffn_down rows the 128-block one
     assert set(report.tensor_types) == {"hlwq5", "hlwq5_64"}
     fields = reader.fields
-    assert fields["hlwq.codebook"].contents() == "converged"
+    assert fields["hlwq.codebook"].contents() == "lloyd_int8"
     assert fields["hlwq.codebook_fingerprint"].contents() == gguf_types.codebook_fingerprint()
     assert fields["general.file_type"].contents() == recipe.ftype
     stats = gguf_stats.gguf_stats(path)

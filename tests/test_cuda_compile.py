@@ -20,20 +20,23 @@ def test_patched_cuda_sources_compile():
     # vector kernel, the KV cache's SET_ROWS/CPY, the flash-attention dispatch and its HLWQ instances, supports_op
     compiled = {name.rsplit("/", 1)[-1] for name in result.compiled}
     assert {"convert.cu", "getrows.cu", "mmvq.cu", "mmvq-hlwq.cu", "hlwq-kv.cu", "set-rows.cu", "cpy.cu", "fattn.cu",
-            "ggml-cuda.cu", "fattn-vec-instance-hlwq4_64-hlwq4_64.cu"} <= compiled
+            "ggml-cuda.cu", "fattn-vec-instance-hlwq4_64-hlwq4_64.cu", "fattn-vec-instance-q8_0-hlwq4_64.cu"} <= compiled
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake on this machine")
 @pytest.mark.parametrize("quants, outcome", [
     ("hlwq4_64-hlwq4_64;hlwq3_64-hlwq3_64;q4_0-q4_0", "GGML_CUDA_FA_HLWQ4_64_HLWQ4_64=1"),
-    ("all", "53 instances"),
-    ("f16-hlwq4_64", "pair only with each other"),
+    ("q8_0-hlwq4_64", "GGML_CUDA_FA_Q8_0_HLWQ4_64=1"),
+    ("all", "57 instances"),
+    ("hlwq4_64-q8_0", "an HLWQ K only with an HLWQ V"),
+    ("q4_0-hlwq4_64", "an HLWQ K only with an HLWQ V"),
     ("hlwq5_64-hlwq5_64", "unknown type \"hlwq5_64\""),
 ])
 def test_flash_attention_type_option(tmp_path, quants, outcome):
     """GGML_CUDA_FA_QUANTS as the patched ggml/cmake/common.cmake reads it: the HLWQ pairs compile their vector
-    kernel instances, `all` adds the four HLWQ pairs to upstream's 49, and an HLWQ type paired with another type
-    (which no kernel reads) or an HLWQ type without a kernel is refused with a message."""
+    kernel instances, an HLWQ V also pairs with a q8_0 or f16 K (the models whose K needs 8 bits), `all` adds those
+    eight pairs to upstream's 49, and any other pair with an HLWQ type (which no kernel reads) or an HLWQ type
+    without a kernel is refused with a message."""
     tree = upstream.patched_tree()
     (tmp_path / "CMakeLists.txt").write_text(f"""cmake_minimum_required(VERSION 3.14)
 project(fa_option NONE)

@@ -57,7 +57,7 @@ def emulator(llama_build) -> Path:
         source = work / "src"
         emulator_sources(tree, source)
         lib = llama_build.bin
-        cmd = ["g++", "-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+        cmd = ["g++", "-std=c++20", "-O2", "-mfma", "-ffp-contract=fast", "-pthread", "-Wall", "-Wno-unknown-pragmas",
                "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-sign-compare",
                "-I", str(source), "-I", str(tree / "ggml/include"), "-I", str(tree / "ggml/src"),
                "-I", str(tree / "ggml/src/ggml-cuda"), str(source / "hlwq_emu_test.cpp"),

@@ -300,7 +300,7 @@ static void test_fattn(const std::vector<float> & q_rotated, const std::vector<u
     for (float p : partial) got += p;
 
     // the reference: rotated K values times the q8_1 values of Q
-    const auto * cb = ggml_hlwq_get_codebook(GGML_HLWQ_TABLE_CONVERGED, type == GGML_TYPE_HLWQ3_64 ? 3 : 4)->values;
+    const float * cb = ggml_hlwq_get_codebook(GGML_HLWQ_TABLE_CANONICAL, type == GGML_TYPE_HLWQ3_64 ? 3 : 4).values;
     const int bits = type == GGML_TYPE_HLWQ3_64 ? 3 : 4;
     const size_t bs = ggml_type_size(type);
     std::vector<float> k_rotated(D);

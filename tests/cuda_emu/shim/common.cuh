@@ -8,6 +8,7 @@
 // structure, not timing, coalescing or what a real GPU's memory model allows.
 
 #include <barrier>
+#include <xmmintrin.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -43,6 +44,33 @@ struct uint3 { unsigned x, y, z; };
 struct float2 { float x, y; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 struct uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+struct int2 { int x, y; };
+inline int2 make_int2(int x, int y) { return {x, y}; }
+
+// PRMT: byte n of the result is byte (s >> 4n) & 7 of y:x
+inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
+    const uint64_t v = (uint64_t) y << 32 | x;
+    uint32_t r = 0;
+    for (int n = 0; n < 4; ++n) {
+        r |= (uint32_t) ((v >> 8*((s >> 4*n) & 7)) & 0xFF) << 8*n;
+    }
+    return r;
+}
+// bytewise a - b, each byte modulo 256
+inline uint32_t __vsub4(uint32_t a, uint32_t b) {
+    uint32_t r = 0;
+    for (int n = 0; n < 4; ++n) {
+        r |= (uint32_t) (uint8_t) ((a >> 8*n) - (b >> 8*n)) << 8*n;
+    }
+    return r;
+}
+inline int ggml_cuda_dp4a(int a, int b, int c) {
+    for (int n = 0; n < 4; ++n) {
+        c += (int8_t) (a >> 8*n)*(int8_t) (b >> 8*n);
+    }
+    return c;
+}
 
 struct emu_block {
     explicit emu_block(int nthreads) : bar(nthreads) {
@@ -111,12 +139,15 @@ inline float warp_reduce_max(float x) {
     return x;
 }
 
-// the emulator is compiled with -ffp-contract=off: plain operations are the correctly rounded ones
-inline float __fmul_rn(float a, float b) { return a*b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a/b; }
-inline float __fsqrt_rn(float a) { return sqrtf(a); }
+// ggml-cuda builds with -use_fast_math, and nvcc then fuses a plain a*b + c into one rounding; the emulator is
+// compiled with -mfma -ffp-contract=fast so that GCC does the same, and its threads flush denormals as -ftz does
+// (emu_launch). The __f*_rn operations are never fused: the empty asm makes each result opaque to GCC.
+inline float emu_rounded(float x) { asm("" : "+x"(x)); return x; }
+inline float __fmul_rn(float a, float b) { return emu_rounded(a*b); }
+inline float __fadd_rn(float a, float b) { return emu_rounded(a + b); }
+inline float __fsub_rn(float a, float b) { return emu_rounded(a - b); }
+inline float __fdiv_rn(float a, float b) { return emu_rounded(a/b); }
+inline float __fsqrt_rn(float a) { return emu_rounded(sqrtf(a)); }
 inline float __half2float(half h) { return (float) h; }
 inline half  __float2half(float f) { return (half) f; }
 
@@ -157,6 +188,7 @@ void emu_launch(dim3 grid, dim3 block, size_t, cudaStream_t, Kernel kernel, Args
         threads.reserve(n);
         for (int t = 0; t < n; ++t) {
             threads.emplace_back([&, t] {
+                _mm_setcsr(_mm_getcsr() | 0x8040); // flush-to-zero and denormals-are-zero, as -ftz=true
                 emu_tid = t;
                 emu_threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x*block.y));
                 emu_blockIdx = dim3(bx, by, bz);
