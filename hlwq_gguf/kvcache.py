@@ -79,5 +79,6 @@ def k_type_note(path: str | Path, kv_type: str) -> str | None:
     layers = safe_k_layers(path)
     if not layers:
         return None
-    return (f"K stays {SAFE_K_TYPE} instead of {kv_type} in layers {', '.join(map(str, layers))} of {Path(path).name}: "
-            f"their key bias has outlier channels that a low-bit code destroys (--kv-k {kv_type} forces it)")
+    which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    return (f"K stays {SAFE_K_TYPE} instead of {kv_type} in {which} of {Path(path).name}: its key bias has outlier "
+            f"channels that a low-bit code destroys (--kv-k {kv_type} forces it)")

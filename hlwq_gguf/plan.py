@@ -269,13 +269,17 @@ def kv_cells(layout: ModelLayout, n_ctx: int, sliding: bool, n_ubatch: int = DEF
 
 
 def kv_cache_bytes(layout: ModelLayout, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
-                   n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False) -> int:
-    """Bytes of the KV cache llama.cpp allocates for one sequence of `n_ctx` tokens (all attention layers)."""
+                   n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False, safe_k_layers: tuple[int, ...] = ()) -> int:
+    """Bytes of the KV cache llama.cpp allocates for one sequence of `n_ctx` tokens (all attention layers).
+
+    safe_k_layers: the layers whose K llama.cpp keeps at q8_0 although an HLWQ K type was asked for
+    (hlwq_gguf.kvcache)."""
     k_type, v_type = _kv_type(type_k, layout.path), _kv_type(type_v or type_k, layout.path)
     total = 0
     for layer in layout.attention:
         cells = kv_cells(layout, n_ctx, layer.sliding, n_ubatch, swa_full)
-        for kv_type, width in ((k_type, layer.k_width), (v_type, layer.v_width)):
+        layer_k_type = KV_TYPES["q8_0"] if layer.index in safe_k_layers else k_type
+        for kv_type, width in ((layer_k_type, layer.k_width), (v_type, layer.v_width)):
             if width % kv_type[0]:
                 raise PlanError(f"{layout.path}: layer {layer.index} KV rows of {width} are not a multiple of "
                                 f"the {kv_type[0]}-element blocks of the chosen KV type")
@@ -431,7 +435,8 @@ def layer_regex(layers: list[int]) -> str:
 
 
 def make_plan(layout: ModelLayout, vram: int | str, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
-              reserve: int = DEFAULT_RESERVE, n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False) -> Plan:
+              reserve: int = DEFAULT_RESERVE, n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False,
+              safe_k_layers: tuple[int, ...] = ()) -> Plan:
     """Place `layout` on a GPU with `vram` bytes: non-experts, KV and compute first, then whole layers of experts.
 
     Raises PlanError (one line) when even the non-expert weights, KV cache and compute buffer do not fit.
@@ -440,7 +445,7 @@ def make_plan(layout: ModelLayout, vram: int | str, n_ctx: int, type_k: str = "f
     type_v = type_v or type_k
     if n_ctx <= 0:
         raise PlanError(f"{layout.path}: context size must be positive, not {n_ctx}")
-    kv = kv_cache_bytes(layout, n_ctx, type_k, type_v, n_ubatch, swa_full)
+    kv = kv_cache_bytes(layout, n_ctx, type_k, type_v, n_ubatch, swa_full, safe_k_layers)
     quantized = type_k.lower() not in ("f32", "f16", "bf16") or type_v.lower() not in ("f32", "f16", "bf16")
     compute = compute_buffer_bytes(layout, n_ctx, n_ubatch, flash_attn=True, kv_quantized=quantized)
     # the input embedding stays in system RAM (llama.cpp runs get_rows on the CPU); a tied output projection is
@@ -474,5 +479,11 @@ def make_plan(layout: ModelLayout, vram: int | str, n_ctx: int, type_k: str = "f
 
 def plan_file(path: str | Path, vram: int | str, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
               **kwargs) -> Plan:
-    """read_layout + make_plan for a GGUF path."""
-    return make_plan(read_layout(path), vram, n_ctx, type_k, type_v, **kwargs)
+    """read_layout + make_plan for a GGUF path; with an HLWQ K type, the layers llama.cpp keeps at a q8_0 K
+    (hlwq_gguf.kvcache) are sized as such unless safe_k_layers says otherwise."""
+    layout = read_layout(path)  # ggml's own parser has vetted the file before gguf-py reads its tensors below
+    if "safe_k_layers" not in kwargs and type_k.lower().startswith("hlwq"):
+        from . import kvcache
+
+        kwargs["safe_k_layers"] = tuple(kvcache.safe_k_layers(path))
+    return make_plan(layout, vram, n_ctx, type_k, type_v, **kwargs)

@@ -179,7 +179,8 @@ def ggml_type_id(name: str) -> int:
 
 
 def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 1, verbose: bool = False,
-               overrides=None, vram: int | str | None = None, kv_type: str | None = None, **kwargs):
+               overrides=None, vram: int | str | None = None, kv_type: str | None = None,
+               kv_type_k: str | None = None, kv_type_v: str | None = None, **kwargs):
     """A llama_cpp.Llama for an HLWQ (or any) GGUF, loaded through the patched libraries.
 
     overrides: tensor buffer overrides like llama.cpp's -ot ('REGEX=DEVICE' strings, (regex, device) pairs or a
@@ -187,20 +188,33 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     placement planner (hlwq_gguf.plan) chooses which layers' routed experts stay in system RAM, every layer is
     offloaded (n_gpu_layers=-1) and the plan's overrides come after any explicit ones; the plan is attached as
     `.placement_plan`. kv_type: KV-cache type for K and V by name (f16, q8_0, ...); a quantized V cache needs
-    flash attention, which is then switched on. Without these arguments the behaviour is llama-cpp-python's.
+    flash attention, which is then switched on. With an HLWQ K type, llama.cpp keeps K at q8_0 in the layers whose
+    key bias a low-bit code would wreck (hlwq_gguf.kvcache); `.kv_note` says which, or is None. kv_type_k /
+    kv_type_v: the user's types for K and V, taken as they are (LLAMA_KV_HLWQ_K_OUTLIER=0 for this process when K
+    is HLWQ). Without these arguments the behaviour is llama-cpp-python's.
     """
+    from . import kvcache
+
     llama_cpp = llama_cpp_module()
-    if kv_type is not None:
-        kwargs.setdefault("type_k", ggml_type_id(kv_type))
-        kwargs.setdefault("type_v", ggml_type_id(kv_type))
-        if kv_type.lower() not in ("f32", "f16", "bf16"):
-            kwargs.setdefault("flash_attn", True)
+    type_k = kv_type_k or kv_type
+    type_v = kv_type_v or kv_type
+    kv_note = None
+    if kv_type_k is not None and kvcache.is_hlwq(kv_type_k):
+        os.environ["LLAMA_KV_HLWQ_K_OUTLIER"] = "0"
+    elif type_k is not None:
+        kv_note = kvcache.k_type_note(path, type_k)
+    for key, name in (("type_k", type_k), ("type_v", type_v)):
+        if name is not None:
+            kwargs.setdefault(key, ggml_type_id(name))
+    if any(name is not None and name.lower() not in ("f32", "f16", "bf16") for name in (type_k, type_v)):
+        kwargs.setdefault("flash_attn", True)
     entries = parse_overrides(overrides) if overrides is not None else []
     placement = None
     if vram is not None:
         from . import plan
 
-        placement = plan.plan_file(path, vram, n_ctx, kv_type or "f16")
+        placement = plan.plan_file(path, vram, n_ctx, type_k or "f16", type_v,
+                                   **({"safe_k_layers": ()} if kv_type_k is not None else {}))
         entries += parse_overrides(placement.overrides())
         kwargs.setdefault("n_gpu_layers", -1)
         kwargs.setdefault("swa_full", False)  # what the plan sized (llama-cpp-python's default is the full SWA cache)
@@ -210,4 +224,5 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
                                 verbose=verbose, **kwargs)
     model.tensor_overrides = c_overrides  # keeps the array and pattern strings alive as long as the model
     model.placement_plan = placement
+    model.kv_note = kv_note
     return model

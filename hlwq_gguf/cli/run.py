@@ -14,7 +14,12 @@ def _model_options(command):
         click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size (tokens)."),
         click.option("--vram", default=None, help="GPU memory budget (e.g. 24GiB): plan which MoE experts stay in RAM."),
         click.option("--kv", "kv_type", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,
-                     help="KV-cache type for K and V (default f16)."),
+                     help="KV-cache type for K and V (default f16); with hlwq3/hlwq4, K stays q8_0 in the layers "
+                          "whose key bias a low-bit code would wreck, and a line says which."),
+        click.option("--kv-k", "kv_type_k", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,
+                     help="K's type as given, in every layer (overrides --kv)."),
+        click.option("--kv-v", "kv_type_v", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,
+                     help="V's type (overrides --kv)."),
         click.option("-ot", "--override-tensor", "overrides", multiple=True,
                      help="REGEX=DEVICE tensor buffer override, as llama.cpp's -ot."),
         click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)."),
@@ -31,16 +36,18 @@ def _model_options(command):
     return command
 
 
-def _open(model, n_ctx, vram, kv_type, overrides, threads, verbose, temperature, top_k, top_p, min_p,
-          repeat_penalty, seed):
+def _open(model, n_ctx, vram, kv_type, kv_type_k, kv_type_v, overrides, threads, verbose, temperature, top_k, top_p,
+          min_p, repeat_penalty, seed):
     """The model and sampling settings that _model_options describe, with their errors as one-line messages."""
     try:
         llm = runtime.open_model(model, n_ctx=n_ctx, n_threads=threads, verbose=verbose, vram=vram, kv_type=kv_type,
-                                 overrides=list(overrides) or None)
+                                 kv_type_k=kv_type_k, kv_type_v=kv_type_v, overrides=list(overrides) or None)
     except (plan.PlanError, runtime.OverrideError) as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
         raise click.ClickException(f"{model}: {e}") from None
+    if llm.kv_note:
+        click.echo(f"hlwq-gguf: {llm.kv_note}", err=True)
     if llm.placement_plan is not None and verbose:
         click.echo(llm.placement_plan.table(), err=True)
     return llm, generate.Sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
