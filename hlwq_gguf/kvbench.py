@@ -1,7 +1,8 @@
 """`hlwq-gguf bench --kv`: KV-cache types head to head on one model, one text, one run.
 
-For each cache type (llama.cpp's f16, q8_0, q5_0, q4_0, iq4_nl, all with llama.cpp's graph rotation as users get
-them, and the HLWQ types) llama-perplexity runs with flash attention at a context of `ctx` tokens: PPL, and the
+For each cache configuration (llama.cpp's f16, q8_0, q5_0, q4_0, iq4_nl, all with llama.cpp's graph rotation as
+users get them; the HLWQ types, with the layers whose key bias has outlier channels keeping K at q8_0 as llama.cpp
+does, and forced everywhere ("!"); and the pairs of an 8-bit or 5-bit K with a 4-bit HLWQ V) llama-perplexity runs with flash attention at a context of `ctx` tokens: PPL, and the
 KL-divergence against the f16-cache run of the same weights. llama-bench measures pp/tg with flash attention at a
 cache depth of `depth` tokens. The HLWQ types rotate each 64-value block themselves and opt out of llama.cpp's
 graph rotation; `hlwq3+rot` / `hlwq4+rot` keep the graph rotation on top (LLAMA_ATTN_ROT_HLWQ=1), which is how the
@@ -16,13 +17,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import build as builder
-from . import llama_tools, plan, textdata
+from . import kvcache, llama_tools, plan, textdata
 
-# name -> (ggml cache type, extra environment)
-KV_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
-    "f16": ("f16", {}), "q8_0": ("q8_0", {}), "q5_0": ("q5_0", {}), "q4_0": ("q4_0", {}), "iq4_nl": ("iq4_nl", {}),
-    "hlwq4": ("hlwq4_64", {}), "hlwq3": ("hlwq3_64", {}),
-    "hlwq4+rot": ("hlwq4_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}), "hlwq3+rot": ("hlwq3_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
+# name -> (K type, V type, extra environment). With an HLWQ K type llama.cpp keeps K at q8_0 in the layers whose key
+# bias has outlier channels (hlwq_gguf.kvcache); "!" forces the HLWQ K everywhere (LLAMA_KV_HLWQ_K_OUTLIER=0).
+_FORCE_K = {"LLAMA_KV_HLWQ_K_OUTLIER": "0"}
+KV_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "f16": ("f16", "f16", {}), "q8_0": ("q8_0", "q8_0", {}), "q5_0": ("q5_0", "q5_0", {}), "q4_0": ("q4_0", "q4_0", {}),
+    "iq4_nl": ("iq4_nl", "iq4_nl", {}),
+    "q8_0/hlwq4": ("q8_0", "hlwq4_64", {}), "hlwq5/hlwq4": ("hlwq5_64", "hlwq4_64", {}),
+    "hlwq4": ("hlwq4_64", "hlwq4_64", {}), "hlwq3": ("hlwq3_64", "hlwq3_64", {}),
+    "hlwq4!": ("hlwq4_64", "hlwq4_64", _FORCE_K), "hlwq3!": ("hlwq3_64", "hlwq3_64", _FORCE_K),
+    "hlwq4+rot": ("hlwq4_64", "hlwq4_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
+    "hlwq3+rot": ("hlwq3_64", "hlwq3_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
 }
 SEED_CONFIGS = {"Qwen3.5-27B": "Qwen__Qwen3.5-27B.json", "Gemma-4-31B": "google__gemma-4-31B-it.json"}
 CACHE_BUDGET = 4 * 2**30
@@ -31,8 +38,10 @@ CACHE_BUDGET = 4 * 2**30
 @dataclass
 class KVResult:
     name: str
-    cache_type: str
-    bits_per_value: float
+    type_k: str
+    type_v: str
+    bits_per_value: float  # K and V together, over every layer (the layers whose K stays q8_0 included)
+    safe_k_layers: list[int] = field(default_factory=list)
     bytes_per_token: float | None = None
     ppl: float | None = None
     kld_mean: float | None = None
@@ -84,10 +93,11 @@ def seed_max_context(config_dir: Path, budget: int = CACHE_BUDGET) -> dict[str, 
         full_values = kinds.count("full_attention") * 2 * global_kv * global_head
         swa_values = kinds.count("sliding_attention") * 2 * kv_heads * head
         row = {}
-        for name, (cache_type, _) in KV_VARIANTS.items():
-            if "+" in name:
+        for name, (type_k, type_v, env) in KV_VARIANTS.items():
+            if "+" in name or "!" in name:
                 continue
-            bytes_per_value = bits_per_value(cache_type) / 8
+            # the seeds have no key biases: their K takes the asked type in every layer
+            bytes_per_value = (bits_per_value(type_k) + bits_per_value(type_v)) / 16
             swa_bytes = swa_values * (window + 512) * bytes_per_value
             row[name] = max(0, int((budget - swa_bytes) / (full_values * bytes_per_value)))
         table[model] = row
@@ -120,16 +130,21 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     weights, workdir = _weights(build, model, log)
     text = textdata.measurement_text_file()
     threads = threads or llama_tools.default_threads()
-    results = {n: KVResult(n, KV_VARIANTS[n][0], bits_per_value(KV_VARIANTS[n][0])) for n in names}
     layout = plan.read_layout(weights)
-    for r in results.values():
-        r.bytes_per_token = plan.kv_cache_bytes(layout, ctx, r.cache_type) / ctx
+    kept = kvcache.safe_k_layers(weights, limit=kvcache.OUTLIER_LIMIT)
+    values_per_token = sum(a.k_width + a.v_width for a in layout.attention)
+    results = {}
+    for name in names:
+        type_k, type_v, env = KV_VARIANTS[name]
+        safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
+        per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
+        results[name] = KVResult(name, type_k, type_v, per_token * 8 / values_per_token, safe, per_token)
 
     base = workdir / f"kv-f16.ctx{ctx}.chunks{chunks}.kld"
     for name in names:
-        cache_type, env = KV_VARIANTS[name]
+        type_k, type_v, env = KV_VARIANTS[name]
         log(f"perplexity, KV {name}")
-        cache = ["-fa", "on", "-ctk", cache_type, "-ctv", cache_type]
+        cache = ["-fa", "on", "-ctk", type_k, "-ctv", type_v]
         if name == "f16":
             q = llama_tools.perplexity(build, weights, text, ctx=ctx, chunks=chunks, save_kld_base=base, threads=threads, extra=cache)
         else:
@@ -142,10 +157,10 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     for round_index in range(rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
-            cache_type, env = KV_VARIANTS[name]
+            type_k, type_v, env = KV_VARIANTS[name]
             log(f"llama-bench round {round_index + 1}/{rounds}, KV {name}")
             rows = llama_tools.bench(build, [weights], repetitions=1, threads=threads, env=env,
-                                     extra=["-fa", "1", "-ctk", cache_type, "-ctv", cache_type, "-d", str(depth)])
+                                     extra=["-fa", "1", "-ctk", type_k, "-ctv", type_v, "-d", str(depth)])
             for row in rows:
                 (samples[name][0] if row["n_prompt"] else samples[name][1]).append(float(row["avg_ts"]))
     for name, (pp, tg) in samples.items():
@@ -172,10 +187,11 @@ def markdown(result: KVBenchResult) -> str:
 
     lines = [f"KV cache types on {result.model} ({result.weights}); perplexity at ctx {result.ctx} x {result.chunks} "
              f"chunks, KLD against the f16 cache; llama-bench pp512/tg128 at depth {result.depth}, flash attention.", "",
-             "| cache | bits/value | KV bytes/token | PPL | mean KLD | KLD p99 | same top % | pp512 t/s | tg128 t/s | pp vs f16 | tg vs f16 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| cache (K/V) | K q8_0 in layers | bits/value | KV bytes/token | PPL | mean KLD | KLD p99 | same top % | pp512 t/s | tg128 t/s | pp vs f16 | tg vs f16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.results:
-        lines.append(f"| {r.name} | {r.bits_per_value:.2f} | {num(r.bytes_per_token, '.0f')} | {num(r.ppl, '.3f')} | "
+        kept = ", ".join(map(str, r.safe_k_layers)) or "-"
+        lines.append(f"| {r.name} | {kept} | {r.bits_per_value:.2f} | {num(r.bytes_per_token, '.0f')} | {num(r.ppl, '.3f')} | "
                      f"{num(r.kld_mean, '.5f')} | {num(r.kld_p99, '.4f')} | {num(r.same_top_p, '.2f')} | {num(r.pp, '.1f')} | "
                      f"{num(r.tg, '.1f')} | {num(r.pp_vs_f16, '.2f')} | {num(r.tg_vs_f16, '.2f')} |")
     if result.max_context_4gib:
