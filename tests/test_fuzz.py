@@ -1,6 +1,6 @@
 """The GGUF fuzz harness (scripts/fuzz_gguf.py) runs clean for a bounded time, and the inputs behind its findings,
 rebuilt here from valid seeds, stay fixed: ggml's loader refused to allocate a data section larger than the file
-only after aborting (patch 0005), gguf-py looped on hostile array lengths (now gated by ggml's parser), and the
+only after aborting (patch 0002), gguf-py looped on hostile array lengths (now gated by ggml's parser), and the
 MoE planner raised tracebacks on metadata of the wrong kind or sized lists by a hostile block count."""
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def test_full_cache_is_llama_cpp_s_normal_error(smollm2_q8, llama_build):
     """More tokens than the cache holds (256 cells, the smallest llama.cpp allocates): llama-completion stops with
     its own message and exit code 0; with --context-shift the K cache is dequantized, re-roped and re-quantized
     and generation goes on. That shift used to crash (SIGSEGV) for every quantized cache without llama.cpp's graph
-    rotation, which the HLWQ types opt out of; patch 0004 fixes it."""
+    rotation, which the HLWQ types opt out of; patch 0003 fixes it."""
     base = [llama_build.tool("llama-completion"), "-m", smollm2_q8, "-p", "Once upon a time", "-c", "256", "-n", "400",
             "--temp", "0", "-no-cnv", "--no-warmup", "--ignore-eos", "-fa", "on", "-ctk", "hlwq3_64", "-ctv", "hlwq3_64",
             "-t", llama_tools.default_threads()]
