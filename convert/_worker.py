@@ -26,8 +26,11 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _quantize_with_ggml(ggml, block_type, array, threads: int):
+def _quantize_with_ggml(ggml, block_type, array, threads: int, imatrix=None):
     """HLWQ-code an array (..., n) with the patched ggml, which produces the same bytes as hlwq_gguf.codec.
+
+    `imatrix`: one importance weight per column (llama-imatrix's mean squared input); the blocks' scales and codes
+    then minimise the weighted error (C only: the numpy codec has no weighted fit).
 
     ggml saturates a block scale beyond fp16 at 65504 rather than failing; such a block is refused here.
     """
@@ -36,7 +39,7 @@ def _quantize_with_ggml(ggml, block_type, array, threads: int):
     from hlwq_gguf import codec
 
     rows = array.reshape(-1, array.shape[-1])
-    packed = ggml.quantize(block_type.name, rows, threads)
+    packed = ggml.quantize(block_type.name, rows, threads, imatrix=imatrix)
     scales = np.ascontiguousarray(packed.reshape(-1, block_type.type_size)[:, :2]).view("<f2").reshape(-1)
     saturated = np.flatnonzero(~(np.abs(scales) < codec.FP16_MAX))
     if saturated.size:

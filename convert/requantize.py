@@ -8,6 +8,7 @@ Tensors are read from the memory-mapped source and written one at a time.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -42,9 +43,11 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     `bits_for` (tensor name -> HLWQ bits) overrides the recipe's bit width per tensor; the block size still
     follows the row width (recipes.tensor_type). `recipe` None keeps every tensor's type (an equalized
     full-precision GGUF, e.g. for llama-quantize).
-    With `equalize` (implied by `imatrix`) the per-channel scales of convert/equalize.py are applied first, from
-    the importance matrix when given, else from the weights alone. Returns {"types": {type: count},
-    "weights": n, "seconds": s, "equalized": n_tensors}.
+    With `equalize` (implied by `imatrix` where the architecture has an equalization rule) the per-channel scales
+    of convert/equalize.py are applied first, from the importance matrix when given, else from the weights alone.
+    With `imatrix` every matrix it covers is also coded by the importance-weighted error (ggml's quantizer with
+    quant_weights, as llama-quantize --imatrix), equalized or not. Returns {"types": {type: count},
+    "weights": n, "seconds": s, "equalized": n_tensors, "weighted": n_tensors}.
     """
     import gguf
     from tqdm import tqdm
@@ -70,16 +73,19 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     tied = "output.weight" not in tensors
 
     scales = None
-    if equalize or imatrix is not None:
-        importance = equalizer.load_imatrix(imatrix) if imatrix is not None else None
-        scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance)
+    importance = equalizer.load_imatrix(imatrix) if imatrix is not None else {}
+    if equalize or (imatrix is not None and architecture in equalizer.SUPPORTED_ARCHITECTURES):
+        scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance or None)
+    elif imatrix is not None and not quiet:
+        print(f"hlwq-gguf convert: no channel-equalization rule for {architecture!r}: the importance matrix only "
+              "weights each block's scale and codes", file=sys.stderr)
 
     ggml = GGML(builder.ensure_build().bin)
     threads = threads or os.cpu_count() or 1
     fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    stats = {"types": {}, "weights": 0, "seconds": 0.0,
+    stats = {"types": {}, "weights": 0, "seconds": 0.0, "weighted": 0,
              "equalized": 0 if scales is None else len(scales.column_scales.keys() | scales.row_divisors.keys())}
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
@@ -132,11 +138,21 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             if not np.isfinite(values).all():
                 raise ConversionError(f"{source}: tensor {t.name}: NaN/Inf weights")
             block_type = codec.BLOCK_TYPES.get(type_name.upper())
+            weights = importance.get(t.name)
+            if weights is not None and weights.size == shape[-1]:
+                # equalized columns see inputs divided by their scale: E[(x/s)^2] = E[x^2] / s^2
+                if scales is not None and t.name in scales.column_scales:
+                    weights = weights / np.square(scales.column_scales[t.name].astype(np.float64))
+                weights = weights.astype(np.float32)
+                stats["weighted"] += 1
+            else:
+                weights = None
             try:
                 if block_type is not None:
-                    packed = _quantize_with_ggml(ggml, block_type, values, threads)
+                    packed = _quantize_with_ggml(ggml, block_type, values, threads, imatrix=weights)
                 else:
-                    packed = ggml.quantize(type_name, values.reshape(-1, shape[-1]), threads).reshape(*shape[:-1], -1)
+                    packed = ggml.quantize(type_name, values.reshape(-1, shape[-1]), threads,
+                                           imatrix=weights).reshape(*shape[:-1], -1)
             except codec.HLWQValueError as e:
                 raise ConversionError(f"{source}: tensor {t.name}: {e}") from None
             writer.write_tensor_data(packed)

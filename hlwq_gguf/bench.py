@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import build as builder
-from . import gguf_stats, llama_tools, models, paths, recipes, textdata
+from . import gguf_stats, gguf_types, llama_tools, models, paths, recipes, textdata
 
 LLAMA_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS", "Q3_K_M")
 HLWQ_RECIPES = ("hlwq6", "hlwq5_m", "hlwq5", "hlwq4_m", "hlwq4", "hlwq3")
@@ -89,18 +88,6 @@ class BenchResult:
         return next(v for v in self.variants if v.name == name)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {llama_tools.default_threads()} threads, {platform.system()} {platform.release()}"
-
-
 def _slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name if Path(source).exists() else source).strip("-") or "model"
 
@@ -156,9 +143,11 @@ def _workdir(source: Path) -> Path:
 def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Path, llama_quants, hlwq_recipes,
                    imatrix: Path | None, threads: int, progress) -> list[VariantResult]:
     from convert import convert_checkpoint
+    from convert.equalize import SUPPORTED_ARCHITECTURES
 
     made = []
     ref_stats = gguf_stats.gguf_stats(reference)
+    architecture = gguf_types.read_gguf(reference).fields["general.architecture"].contents() if imatrix else None
     made.append(VariantResult(reference.stem, "reference", str(reference), ref_stats.file_bytes, ref_stats.params,
                               ref_stats.bpw, None, ref_stats.tensor_types))
     for ftype in llama_quants:
@@ -175,7 +164,10 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
         if any(v.name == name for v in made):
             continue  # with an importance matrix, "+eq" and the plain recipe are the same variant
         progress(f"convert {name}")
-        if imatrix is not None or equalize:
+        if imatrix is not None and not equalize and architecture not in SUPPORTED_ARCHITECTURES:
+            # no equalization rule for this graph: llama-quantize's importance-weighted block scales instead
+            fallbacks = llama_tools.llama_quantize(build, reference, out, name, imatrix=imatrix, threads=threads).fallbacks
+        elif imatrix is not None or equalize:
             # equalization works on the full-precision GGUF; the same weights the checkpoint path reads
             convert_checkpoint(reference, out, recipe=recipe, quiet=True, threads=threads, equalize=equalize,
                                imatrix=imatrix)
@@ -227,10 +219,18 @@ def _measure_quality(build, variants: list[VariantResult], text_file: Path, sett
             v.ppl, v.ppl_err = q.ppl, q.ppl_err
         return
     base = workdir / f"{reference.name}.ctx{settings.ctx}.chunks{settings.chunks}.kld"
+    # the reference's logits for this text are reused while the reference file is unchanged (minutes for F32)
+    base_ppl = base.with_suffix(".ppl.json")
+    key = {"reference_mtime": Path(reference.file).stat().st_mtime_ns, "text": str(text_file)}
     progress(f"perplexity {reference.name} (KLD base)")
-    q = llama_tools.perplexity(build, Path(reference.file), text_file, ctx=settings.ctx, chunks=settings.chunks,
-                               save_kld_base=base, threads=settings.threads)
-    reference.ppl, reference.ppl_err = q.ppl, q.ppl_err
+    cached = json.loads(base_ppl.read_text()) if base.exists() and base_ppl.exists() else {}
+    if cached.get("key") == key:
+        reference.ppl, reference.ppl_err = cached["ppl"], cached["ppl_err"]
+    else:
+        q = llama_tools.perplexity(build, Path(reference.file), text_file, ctx=settings.ctx, chunks=settings.chunks,
+                                   save_kld_base=base, threads=settings.threads)
+        reference.ppl, reference.ppl_err = q.ppl, q.ppl_err
+        _atomic_write(base_ppl, json.dumps({"key": key, "ppl": q.ppl, "ppl_err": q.ppl_err}).encode())
     for v in variants[1:]:
         progress(f"perplexity + KLD {v.name}")
         q = llama_tools.perplexity(build, Path(v.file), text_file, ctx=settings.ctx, chunks=settings.chunks,
@@ -319,7 +319,8 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
                                     ctx=settings.ctx, chunks=IMATRIX_CHUNKS, threads=threads)
             notes.append(f"One importance matrix ({IMATRIX_CHUNKS} chunks of {settings.ctx} tokens of the calibration "
                          "text, which the measurement never scores) was given to the K/IQ quants and to the HLWQ "
-                         "variants (channel equalization, convert/equalize.py).")
+                         "variants (channel equalization, convert/equalize.py, where the architecture has a rule; "
+                         "otherwise llama-quantize's importance-weighted block scales).")
         variants = _make_variants(build, reference, checkpoint, workdir, llama_quants, hlwq_recipes, imatrix_file,
                                   threads, progress)
         _measure_quality(build, variants, text_file, settings, workdir, progress)
@@ -331,7 +332,7 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
                      f"scored, {settings.chunks} windows) on the first 150,000 characters of the measurement text "
                      "(the reference used WikiText-2, which is not available offline): compare ratios to the "
                      "reference row, not absolute values across texts.")
-    result = BenchResult(model=slug, source=source, machine=_machine(), llama_cpp=build.version_line(),
+    result = BenchResult(model=slug, source=source, machine=llama_tools.machine_description(), llama_cpp=build.version_line(),
                          settings=settings, text=str(text_file), variants=variants,
                          seconds=time.time() - started, notes=notes)
     write_outputs(result, out_dir)

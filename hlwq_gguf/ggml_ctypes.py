@@ -76,9 +76,10 @@ class GGML:
         t = self.traits(name)
         return n // t.blck_size * t.type_size
 
-    def quantize(self, name: str, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    def quantize(self, name: str, x: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         """ggml_quantize_chunk over the rows of a 2-D float32 array (what llama-quantize runs).
 
+        ``imatrix``: one importance weight per column, as llama-quantize passes from an importance matrix.
         With threads > 1 the rows are split into chunks quantized concurrently (ctypes releases the GIL); every
         row is coded on its own, so the bytes do not depend on the thread count.
         """
@@ -86,9 +87,13 @@ class GGML:
         rows, n = x.shape
         out = np.empty((rows, self.row_bytes(name, n)), dtype=np.uint8)
         type_id = self.type_id(name)
+        weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        if weights is not None and weights.shape != (n,):
+            raise ValueError(f"imatrix has shape {weights.shape}, expected ({n},)")
 
         def run(first: int, count: int) -> None:
-            self.base.ggml_quantize_chunk(type_id, _ptr(x[first:]), _ptr(out[first:]), 0, count, n, None)
+            self.base.ggml_quantize_chunk(type_id, _ptr(x[first:]), _ptr(out[first:]), 0, count, n,
+                                          None if weights is None else _ptr(weights))
 
         chunk = max(1, -(-rows // (4 * threads)))
         if threads <= 1 or rows <= chunk:

@@ -64,6 +64,7 @@ class KVBenchResult:
     results: list[KVResult]
     max_context_4gib: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    machine: str = ""
 
 
 def bits_per_value(cache_type: str) -> float:
@@ -174,7 +175,8 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     shared = Path(__file__).resolve().parents[2] / "shared" / "seed-configs"
     result = KVBenchResult(model=model, weights=f"{weights.name} (Q8_0 weights, the same for every cache type)", ctx=ctx,
                            chunks=chunks, depth=depth, text=text.name, results=list(results.values()),
-                           max_context_4gib=seed_max_context(shared), seconds=time.time() - started)
+                           max_context_4gib=seed_max_context(shared), seconds=time.time() - started,
+                           machine=llama_tools.machine_description())
     out_dir = out_dir or Path(f"bench-kv-{model}")
     write_outputs(result, out_dir)
     log(markdown(result))
@@ -186,7 +188,8 @@ def markdown(result: KVBenchResult) -> str:
         return "-" if value is None else format(value, spec)
 
     lines = [f"KV cache types on {result.model} ({result.weights}); perplexity at ctx {result.ctx} x {result.chunks} "
-             f"chunks, KLD against the f16 cache; llama-bench pp512/tg128 at depth {result.depth}, flash attention.", "",
+             f"chunks, KLD against the f16 cache; llama-bench pp512/tg128 at depth {result.depth}, flash attention; "
+             f"{result.machine}.", "",
              "| cache (K/V) | K q8_0 in layers | bits/value | KV bytes/token | PPL | mean KLD | KLD p99 | same top % | pp512 t/s | tg128 t/s | pp vs f16 | tg vs f16 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result.results:

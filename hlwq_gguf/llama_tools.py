@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 from dataclasses import dataclass
@@ -35,6 +36,26 @@ class QuantizeResult:
     fallbacks: int
     n_tensors: int
     log: str
+
+
+# the x86 features that decide which ggml kernels run (AVX2, AVX-512 with VNNI/VBMI/BF16) and whether the AMX path exists
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "avx512_bf16",
+                 "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def machine_description() -> str:
+    """CPU model, the instruction sets ggml uses, thread count and kernel: recorded beside every speed figure."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    # the first processor's entries are enough: the cores of one machine report the same model and flags
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), flags)
+    features = [f for f in _CPU_FEATURES if f in flags]
+    isa = f" ({' '.join(features)}{'' if 'amx_int8' in flags else '; no AMX'})" if flags else ""
+    return f"{cpu}{isa}, {default_threads()} threads, {platform.system()} {platform.release()}"
 
 
 def _run_into(output: Path, command, suffix: str = "") -> str:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import platform
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from hlwq_gguf import bench, gguf_types
+from hlwq_gguf import bench, gguf_types, llama_tools
 
 from conftest import write_tiny_llama
 
@@ -33,6 +36,9 @@ def test_outputs_exist_and_agree(quick_bench):
     assert [v["name"] for v in data["variants"]] == [v.name for v in result.variants]
     assert [v["name"] for v in data["variants"]] == ["F32", "Q5_K_M", "Q4_K_M", "HLWQ5_M", "HLWQ5"]
     table = (out / "results.md").read_text()
+    # every speed figure names the CPU and the instruction sets the kernels used
+    assert data["machine"] in table and ("avx2" in data["machine"] or platform.machine() != "x86_64")
+    assert ("no AMX" in data["machine"]) != ("amx_int8" in data["machine"])
     for v in result.variants:
         assert any(line.startswith((f"| {v.name} ", f"| **{v.name}")) for line in table.splitlines())
     for png in ("kld_vs_bpw.png", "speed.png"):
@@ -59,6 +65,32 @@ def test_imatrix_goes_to_every_quantized_variant(quick_bench):
     for v in result.variants:
         if v.family == "hlwq":  # the HLWQ variants use it through channel equalization
             assert gguf.GGUFReader(v.file).fields["hlwq.equalize"].contents() == "imatrix"
+
+
+def test_llama_quantize_uses_the_imatrix_for_hlwq(quick_bench, llama_build, tmp_path):
+    """The stock workflow: `llama-quantize --imatrix` gives HLWQ5 lower importance-weighted error in every matrix."""
+    from convert.equalize import load_imatrix
+
+    result, _ = quick_bench
+    reference = Path(result.variants[0].file)
+    imatrix_file = next(reference.parent.glob("imatrix.*.gguf"))
+    plain = llama_tools.llama_quantize(llama_build, reference, tmp_path / "plain.gguf", "HLWQ5", pure=True).output
+    weighted = llama_tools.llama_quantize(llama_build, reference, tmp_path / "imat.gguf", "HLWQ5", pure=True,
+                                          imatrix=imatrix_file).output
+    importance = load_imatrix(imatrix_file)
+    gguf = gguf_types.register()
+    tensors = {path: {t.name: t for t in gguf.GGUFReader(str(path)).tensors} for path in (reference, plain, weighted)}
+    ratios = []
+    for name, columns in importance.items():
+        if tensors[plain][name].tensor_type.name != "HLWQ5":
+            continue
+        x = gguf.quants.dequantize(tensors[reference][name].data, tensors[reference][name].tensor_type)
+        errors = [float((((x - gguf.quants.dequantize(tensors[path][name].data, gguf.GGMLQuantizationType.HLWQ5)) ** 2)
+                         * columns).sum()) for path in (plain, weighted)]
+        ratios.append(errors[1] / errors[0])
+    assert len(ratios) >= 6 * 2  # both layers: q, k, v, o, gate, up (the 320-wide ffn_down rows fall back)
+    # a random-weight model gives a flat importance matrix: small gains, but in every matrix (equal codes give 1.0)
+    assert max(ratios) < 1.0 and float(np.mean(ratios)) < 0.995
 
 
 def test_hlwq_variant_names():

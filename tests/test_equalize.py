@@ -120,3 +120,32 @@ def test_channel_scales_balance_importance_against_column_norms():
     a[0], n2[1] = 0.0, 0.0
     s = equalizer.channel_scales(a, n2)
     assert np.all(np.isfinite(s)) and s.min() >= 1 / equalizer.MAX_SCALE_RATIO - 1e-6 and s.max() <= equalizer.MAX_SCALE_RATIO + 1e-6
+
+
+def test_imatrix_without_an_equalization_rule_still_weights_the_codes(llama_build, smollm2_hf, tmp_path):
+    """qwen35 has no equalization rule: --imatrix is not refused, it reaches ggml's quantizer as importance weights."""
+    from convert.reference import reference_gguf
+    from tiny_seeds import write_tiny_qwen3_5
+
+    f32 = tmp_path / "f32.gguf"
+    reference_gguf(write_tiny_qwen3_5(tmp_path / "hf", smollm2_hf, text_only=True), f32, "f32")
+    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
+                                  ctx=128, chunks=4)
+    requantize_gguf(f32, tmp_path / "plain.gguf", "hlwq5", quiet=True)
+    stats = requantize_gguf(f32, tmp_path / "weighted.gguf", "hlwq5", imatrix=imatrix, quiet=True)
+    assert stats["equalized"] == 0 and stats["weighted"] >= 4
+
+    gguf = gguf_types.register()
+    source, plain, weighted = ({t.name: t for t in gguf.GGUFReader(str(p)).tensors}
+                               for p in (f32, tmp_path / "plain.gguf", tmp_path / "weighted.gguf"))
+    ratios = []
+    for name, columns in equalizer.load_imatrix(imatrix).items():
+        if name not in plain or not plain[name].tensor_type.name.startswith("HLWQ"):
+            continue
+        x = gguf.quants.dequantize(source[name].data, source[name].tensor_type)
+        errors = [float((((x - gguf.quants.dequantize(q[name].data, q[name].tensor_type)) ** 2) * columns).sum())
+                  for q in (plain, weighted)]
+        ratios.append(errors[1] / errors[0])
+    assert len(ratios) == stats["weighted"]
+    # random weights give a flat importance matrix, so the gain is small, but every tensor gains
+    assert max(ratios) < 1.0 and float(np.mean(ratios)) < 0.995

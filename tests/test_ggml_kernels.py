@@ -34,6 +34,29 @@ def test_c_quantizer_matches_numpy(ggml, name):
     assert np.array_equal(ggml.from_float(name, x[:4]), c_bytes[:4].reshape(-1))
 
 
+@pytest.mark.parametrize("name", ["HLWQ3", "HLWQ4", "HLWQ5", "HLWQ6", "HLWQ5_64"])
+def test_importance_matrix_lowers_the_error_it_weighs(ggml, name):
+    """llama-quantize's importance matrix (one weight per column) chooses the block scales and codes."""
+    rng = np.random.default_rng(5)
+    cols = 1024
+    x = _matrix(rng, 64, cols)
+    importance = np.exp(rng.standard_normal(cols)).astype(np.float32)  # activation energy: log-normal across columns
+    importance[3] *= 50.0
+
+    def weighted_error(packed):
+        restored = np.stack([ggml.dequantize(name, row, cols) for row in packed])
+        return float((((x - restored) ** 2) * importance).sum())
+
+    plain = ggml.quantize(name, x)
+    weighted = ggml.quantize(name, x, imatrix=importance)
+    assert np.array_equal(ggml.quantize(name, x, imatrix=importance, threads=3), weighted)
+    assert weighted_error(weighted) < 0.95 * weighted_error(plain)
+    # uniform importance measures the plain error: the plain fit is one of the candidates, so it can only improve
+    uniform = ggml.quantize(name, x, imatrix=np.full(cols, 3.0, np.float32))
+    importance[:] = 1.0
+    assert weighted_error(uniform) <= weighted_error(plain) * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("name", WEIGHT_TYPES)
 def test_c_dequantizer_matches_numpy(ggml, name):
     block_type = codec.BLOCK_TYPES[name]

@@ -35,7 +35,6 @@ CASES = {
     "hlwq_q5": ("hlwq_q5", None, "hlwq_q5.tableA.bf16", "A"),
     "hlwq_q5_tableB": ("hlwq_q5", "B", "hlwq_q5.tableB_subset.bf16", "B"),
 }
-N_HEAD, N_HEAD_KV = 4, 2  # the fixture model's config.json
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +60,14 @@ def _checkpoint(tmp_path: Path, folder: str, tokenizer: Path) -> Path:
     for sub in [target, *[p.parent for p in target.glob("*/config.json")]]:
         shutil.copy(tokenizer, sub / "tokenizer.model")
     return target
+
+
+def _model_config(source: Path) -> dict:
+    """config.json of a checkpoint folder (PQ-Multi keeps it in the parent of its PQ*/ code folder)."""
+    for folder in (source, source.parent, *source.glob("*")):
+        if (folder / "config.json").is_file():
+            return json.loads((folder / "config.json").read_text())
+    raise AssertionError(f"no config.json at {source}")
 
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -108,7 +115,10 @@ def test_checkpoint_imports_to_the_reference_weights(case, tmp_path, stand_in_to
 
     weights, reader = _gguf_weights(out, ggml)
     assert reader.fields["hlwq.import.codebook"].contents() == polarquant.TABLE_LETTERS[letter]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    config = _model_config(source)
+    n_head = config["num_attention_heads"]
+    n_head_kv = config.get("num_key_value_heads", n_head)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     expected = _expected(expected_name)
     assert expected
     for hf_name, reference in expected.items():
@@ -116,9 +126,9 @@ def test_checkpoint_imports_to_the_reference_weights(case, tmp_path, stand_in_to
         type_name, ours = weights[gguf_name]
         assert type_name.endswith(f"_{letter}"), (gguf_name, type_name)
         if ".q_proj." in hf_name:
-            reference = _permute(reference, N_HEAD)
+            reference = _permute(reference, n_head)
         elif ".k_proj." in hf_name:
-            reference = _permute(reference, N_HEAD_KV)
+            reference = _permute(reference, n_head_kv)
         assert ours.shape == reference.shape
         # the fixtures' criterion for BF16 expectations (GEMM vs butterfly sums may differ by one bf16 ulp)
         got = _bf16(ours)
@@ -241,7 +251,7 @@ def _truncate_packed(tensors):
 def _meta_disagrees(tensors):
     key = "model.layers.1.self_attn.k_proj.weight__meta"
     meta = tensors[key].clone()
-    meta[1] = 3  # n_blocks
+    meta[1] += 1  # n_blocks: one more than the packed codes hold
     tensors[key] = meta
 
 

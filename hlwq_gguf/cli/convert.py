@@ -25,8 +25,9 @@ from hlwq_gguf import recipes, upstream
                    "float; no graph change), estimated from the weights alone: llama architectures only (it hurts "
                    "Gemma-3); --imatrix is better everywhere.")
 @click.option("--imatrix", metavar="FILE|auto", default=None,
-              help="Equalize from activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the "
-                   "calibration text (text the benchmarks never score). Implies --equalize.")
+              help="Activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the calibration text "
+                   "(text the benchmarks never score). Every block's scale and codes minimise the importance-weighted "
+                   "error; on llama/gemma3 the channels are also equalized from it (implies --equalize there).")
 @click.option("--target-bpw", type=float, default=None, metavar="BPW",
               help="Instead of --type: HLWQ bits per tensor for this many bits per quantized-matrix weight, from the "
                    "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")
