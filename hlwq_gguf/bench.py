@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import build as builder
-from . import gguf_stats, gguf_types, llama_tools, models, paths, recipes, textdata
+from . import gguf_stats, llama_tools, models, paths, recipes, textdata
 
 LLAMA_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "IQ4_XS", "Q3_K_M")
 HLWQ_RECIPES = ("hlwq6", "hlwq5_m", "hlwq5", "hlwq4_m", "hlwq4", "hlwq3")
@@ -143,11 +143,9 @@ def _workdir(source: Path) -> Path:
 def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Path, llama_quants, hlwq_recipes,
                    imatrix: Path | None, threads: int, progress) -> list[VariantResult]:
     from convert import convert_checkpoint
-    from convert.equalize import SUPPORTED_ARCHITECTURES
 
     made = []
     ref_stats = gguf_stats.gguf_stats(reference)
-    architecture = gguf_types.read_gguf(reference).fields["general.architecture"].contents() if imatrix else None
     made.append(VariantResult(reference.stem, "reference", str(reference), ref_stats.file_bytes, ref_stats.params,
                               ref_stats.bpw, None, ref_stats.tensor_types))
     for ftype in llama_quants:
@@ -164,11 +162,9 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
         if any(v.name == name for v in made):
             continue  # with an importance matrix, "+eq" and the plain recipe are the same variant
         progress(f"convert {name}")
-        if imatrix is not None and not equalize and architecture not in SUPPORTED_ARCHITECTURES:
-            # no equalization rule for this graph: llama-quantize's importance-weighted block scales instead
-            fallbacks = llama_tools.llama_quantize(build, reference, out, name, imatrix=imatrix, threads=threads).fallbacks
-        elif imatrix is not None or equalize:
-            # equalization works on the full-precision GGUF; the same weights the checkpoint path reads
+        if imatrix is not None or equalize:
+            # equalization and the importance-weighted fit work on the full-precision GGUF; the same weights the
+            # checkpoint path reads
             convert_checkpoint(reference, out, recipe=recipe, quiet=True, threads=threads, equalize=equalize,
                                imatrix=imatrix)
             fallbacks = None
@@ -319,8 +315,8 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
                                     ctx=settings.ctx, chunks=IMATRIX_CHUNKS, threads=threads)
             notes.append(f"One importance matrix ({IMATRIX_CHUNKS} chunks of {settings.ctx} tokens of the calibration "
                          "text, which the measurement never scores) was given to the K/IQ quants and to the HLWQ "
-                         "variants (channel equalization, convert/equalize.py, where the architecture has a rule; "
-                         "otherwise llama-quantize's importance-weighted block scales).")
+                         "variants (the importance-weighted block fit, and channel equalization, convert/equalize.py, "
+                         "where the architecture has a rule).")
         variants = _make_variants(build, reference, checkpoint, workdir, llama_quants, hlwq_recipes, imatrix_file,
                                   threads, progress)
         _measure_quality(build, variants, text_file, settings, workdir, progress)
