@@ -89,14 +89,14 @@ def allocate(source: Path, target_bpw: float, *, imatrix: Path | None, equalize:
     import gguf
 
     from hlwq_gguf import build as builder
-    from hlwq_gguf import gguf_types, llama_tools, textdata
+    from hlwq_gguf import gguf_files, gguf_types, llama_tools, textdata
 
     from .requantize import requantize_gguf
 
     gguf_types.register(gguf)
     bits = base_bits(target_bpw)
     recipe = f"hlwq{bits}"
-    reader = gguf_types.read_gguf(source)
+    reader = gguf_files.read_gguf(source)
     shapes = {t.name: gguf_types.numpy_shape(t) for t in reader.tensors}
     tied = "output.weight" not in shapes
     quantized = {n: s for n, s in shapes.items()

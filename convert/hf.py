@@ -35,8 +35,10 @@ class ConversionReport:
     # and the relative RMS error that re-encoding the others added (0 when all were copied)
     import_format: str | None = None
     imported_tensors: list[dict] = field(default_factory=list)
-    # tensors changed by channel equalization (0: none)
+    # tensors changed by channel equalization and K smoothing (0: none)
     equalized_tensors: int = 0
+    # layers whose K outlier channels were moved into Q (equalize._smooth_keys)
+    smoothed_layers: int = 0
     # the vision projector written beside the output (None: the checkpoint has no vision tower)
     mmproj: Path | None = None
     mmproj_error: str | None = None
@@ -53,7 +55,7 @@ IMATRIX_CHUNKS = 32
 
 def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatrix: str | Path | None,
                   threads: int | None, quiet: bool, work_dir: Path | None = None,
-                  target_bpw: float | None = None) -> ConversionReport:
+                  target_bpw: float | None = None, smooth_keys: bool | None = None) -> ConversionReport:
     """The full-precision GGUF path (convert/requantize.py), computing the importance matrix first for "auto"
     and the bits per tensor for a target size (convert/allocate.py)."""
     import time
@@ -78,18 +80,18 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
             recipe, bits_for, _ = allocate(source, target_bpw, imatrix=imatrix, equalize=equalize, threads=threads,
                                            log=(lambda *_: None) if quiet else print)
         stats = requantize_gguf(source, output, recipe, imatrix=imatrix, equalize=equalize, threads=threads,
-                                quiet=quiet, bits_for=bits_for)
+                                quiet=quiet, bits_for=bits_for, smooth_keys=smooth_keys)
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=time.time() - started, tensor_types=stats["types"],
-                            equalized_tensors=stats["equalized"])
+                            equalized_tensors=stats["equalized"], smoothed_layers=stats["smoothed_layers"])
 
 
 def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hlwq5", quiet: bool = False,
                        verbose: bool = False, threads: int | None = None, codebook: str | None = None,
                        keep_unquantized: bool = False, equalize: bool = False,
                        imatrix: str | Path | None = None, mmproj: bool | None = None,
-                       target_bpw: float | None = None) -> ConversionReport:
+                       target_bpw: float | None = None, smooth_keys: bool | None = None) -> ConversionReport:
     """Convert `source` (a checkpoint folder or hub id) to an HLWQ GGUF at `output` using `recipe`.
 
     A checkpoint with a vision tower also gets its projector, `mmproj-<output stem>-f16.gguf` beside `output`, in
@@ -104,7 +106,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
         if mmproj and not checkpoint.has_vision_tower:
             raise ConversionError(f"{checkpoint.path}: no vision tower weights, so no projector (mmproj) to write")
     report = _convert(source, output, recipe, quiet, verbose, threads, codebook, keep_unquantized, equalize, imatrix,
-                      target_bpw)
+                      target_bpw, smooth_keys)
     if checkpoint is None or not checkpoint.has_vision_tower:
         return report
     projector = report.output.with_name(f"mmproj-{report.output.stem}-f16.gguf")
@@ -121,7 +123,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, recipe: str = "hl
 
 def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, verbose: bool, threads: int | None,
              codebook: str | None, keep_unquantized: bool, equalize: bool,
-             imatrix: str | Path | None, target_bpw: float | None = None) -> ConversionReport:
+             imatrix: str | Path | None, target_bpw: float | None = None,
+             smooth_keys: bool | None = None) -> ConversionReport:
     """The text model of `source` to an HLWQ GGUF at `output`.
 
     llama.cpp's own converter classes supply names and metadata; the selected tensors are HLWQ-coded while they
@@ -136,7 +139,8 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     weights; `imatrix` (a llama-imatrix GGUF, or "auto" to compute one on the calibration text) estimates them from
     activations instead and implies `equalize`. `target_bpw` replaces `recipe` by measured bits per tensor for
     that many bits per quantized-matrix weight (convert/allocate.py). These take the full-precision GGUF path
-    (convert/requantize.py), which a full-precision GGUF `source` always takes.
+    (convert/requantize.py), which a full-precision GGUF `source` always takes. `smooth_keys` (default: on for the
+    architectures of equalize.SMOOTH_KEY_ARCHITECTURES) moves K's outlier channels into Q on either path.
     """
     if recipe not in recipes.RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
@@ -148,18 +152,18 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     sweep_stale_staging(output)
     if str(source).endswith(".gguf"):
         return _convert_gguf(Path(source).expanduser(), output, recipe, equalize, imatrix, threads, quiet,
-                             target_bpw=target_bpw)
+                             target_bpw=target_bpw, smooth_keys=smooth_keys)
     model_dir = polarquant.code_folder(resolve(source))
     polarquant.refuse_codeless(model_dir)
     import_format = polarquant.detect(model_dir) if (model_dir / "config.json").is_file() else None
     checkpoint = load_checkpoint(model_dir)
     check_tokenizer(model_dir)
     if import_format:
-        if equalize or imatrix is not None or target_bpw is not None:
+        if equalize or imatrix is not None or target_bpw is not None or smooth_keys:
             raise ConversionError(f"{model_dir}: a code checkpoint is imported as it is; --equalize/--imatrix/"
-                                  "--target-bpw apply only to full-precision checkpoints")
+                                  "--target-bpw/--smooth-keys apply only to full-precision checkpoints")
         polarquant.load(model_dir, codebook)  # every layout and shape problem surfaces here, before any output
-    elif equalize or imatrix is not None or target_bpw is not None:
+    elif equalize or imatrix is not None or target_bpw is not None or smooth_keys:
         if not checkpoint.architectures:
             raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
         with tempfile.TemporaryDirectory(prefix=staging_prefix(output), dir=output.parent) as work:
@@ -168,7 +172,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
             small = sum(p.stat().st_size for p in checkpoint.safetensors) < FULL_PRECISION_F32_LIMIT
             reference_gguf(model_dir, full, "f32" if small else "bf16")
             return _convert_gguf(full, output, recipe, equalize, imatrix, threads, quiet, work_dir=Path(work),
-                                 target_bpw=target_bpw)
+                                 target_bpw=target_bpw, smooth_keys=smooth_keys)
     if not checkpoint.architectures:
         raise ConversionError(f"{model_dir / 'config.json'}: no 'architectures' entry, cannot tell the model class")
     tree = upstream.patched_tree()
@@ -183,7 +187,8 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
             "output": str(output), "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
             "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads, "import_format": import_format,
-            "codebook": codebook, "keep_unquantized": keep_unquantized}
+            "codebook": codebook, "keep_unquantized": keep_unquantized,
+            "smooth_keys": smooth_keys if import_format is None else False}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
@@ -214,4 +219,5 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=stats["wall_seconds"], tensor_types=stats["types"],
                             peak_anon_bytes=stats["peak_anon_bytes"], import_format=import_format,
-                            imported_tensors=stats.get("import", []))
+                            imported_tensors=stats.get("import", []), smoothed_layers=stats.get("smoothed_layers", 0),
+                            equalized_tensors=stats.get("equalized", 0))

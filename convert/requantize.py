@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hlwq_gguf import build as builder
-from hlwq_gguf import codec, gguf_types, recipes
+from hlwq_gguf import codec, gguf_files, gguf_types, recipes
 
 from . import equalize as equalizer
 from .source import ConversionError, is_short_write, publish, short_write_message, staging_prefix
@@ -37,7 +37,7 @@ def _hparams(reader, architecture: str) -> dict:
 
 def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *, imatrix: Path | None = None,
                     equalize: bool = False, threads: int | None = None, quiet: bool = False,
-                    bits_for: dict[str, int] | None = None) -> dict:
+                    bits_for: dict[str, int] | None = None, smooth_keys: bool | None = None) -> dict:
     """Code the matrices of the full-precision GGUF `source` with `recipe` into `output` (written atomically).
 
     `bits_for` (tensor name -> HLWQ bits) overrides the recipe's bit width per tensor; the block size still
@@ -46,8 +46,10 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     With `equalize` (implied by `imatrix` where the architecture has an equalization rule) the per-channel scales
     of convert/equalize.py are applied first, from the importance matrix when given, else from the weights alone.
     With `imatrix` every matrix it covers is also coded by the importance-weighted error (ggml's quantizer with
-    quant_weights, as llama-quantize --imatrix), equalized or not. Returns {"types": {type: count},
-    "weights": n, "seconds": s, "equalized": n_tensors, "weighted": n_tensors}.
+    quant_weights, as llama-quantize --imatrix), equalized or not. `smooth_keys` (default: where
+    equalize.SMOOTH_KEY_ARCHITECTURES has the architecture) moves K's outlier channels into Q, for low-bit KV caches.
+    Returns {"types": {type: count}, "weights": n, "seconds": s, "equalized": n_tensors, "weighted": n_tensors,
+    "smoothed_layers": n}.
     """
     import gguf
     from tqdm import tqdm
@@ -61,8 +63,8 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
     source, output = Path(source), Path(output)
     try:
-        reader = gguf_types.read_gguf(source)
-    except gguf_types.GGUFFileError as e:
+        reader = gguf_files.read_gguf(source)
+    except gguf_files.GGUFFileError as e:
         raise ConversionError(str(e)) from None
     quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(_FULL_PRECISION))
     if quantized:
@@ -74,9 +76,16 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
 
     scales = None
     importance = equalizer.load_imatrix(imatrix) if imatrix is not None else {}
-    if equalize or (imatrix is not None and architecture in equalizer.SUPPORTED_ARCHITECTURES):
-        scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance or None)
-    elif imatrix is not None and not quiet:
+    if smooth_keys is None:
+        smooth_keys = architecture in equalizer.SMOOTH_KEY_ARCHITECTURES
+    channels = equalize or (imatrix is not None and architecture in equalizer.SUPPORTED_ARCHITECTURES)
+    if channels or smooth_keys:
+        scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance or None,
+                                channels=channels, smooth_keys=smooth_keys)
+    if scales is not None and scales.left_alone and not quiet:
+        print("hlwq-gguf convert: equalization leaves alone " +
+              "; ".join(f"{kind} ({why})" for kind, why in scales.left_alone.items()), file=sys.stderr)
+    if imatrix is not None and not channels and not quiet:
         print(f"hlwq-gguf convert: no channel-equalization rule for {architecture!r}: the importance matrix only "
               "weights each block's scale and codes", file=sys.stderr)
 
@@ -86,7 +95,8 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     os.close(fd)
     tmp = Path(tmp_name)
     stats = {"types": {}, "weights": 0, "seconds": 0.0, "weighted": 0,
-             "equalized": 0 if scales is None else len(scales.column_scales.keys() | scales.row_divisors.keys())}
+             "equalized": 0 if scales is None else len(scales.column_scales.keys() | scales.row_divisors.keys()),
+             "smoothed_layers": 0 if scales is None else len(scales.smoothed_layers)}
     try:
         writer = gguf.GGUFWriter(tmp, architecture)
         for field in reader.fields.values():
@@ -103,8 +113,10 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
         if recipe_def is not None:
             writer.add_string("hlwq.recipe", recipe_def.name)
-        if scales is not None:
+        if channels:
             writer.add_string("hlwq.equalize", scales.source)
+        if scales is not None and scales.smoothed_layers:
+            writer.add_string("hlwq.smooth_keys", scales.source)
 
         plan = []
         for t in reader.tensors:

@@ -31,6 +31,8 @@ KV_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "hlwq4+rot": ("hlwq4_64", "hlwq4_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
     "hlwq3+rot": ("hlwq3_64", "hlwq3_64", {"LLAMA_ATTN_ROT_HLWQ": "1"}),
 }
+# a variant name ending in this runs on K-smoothed weights (convert/equalize.py's _smooth_keys)
+SMOOTHED_SUFFIX = "+sk"
 SEED_CONFIGS = {"Qwen3.5-27B": "Qwen__Qwen3.5-27B.json", "Gemma-4-31B": "google__gemma-4-31B-it.json"}
 CACHE_BUDGET = 4 * 2**30
 
@@ -105,15 +107,41 @@ def seed_max_context(config_dir: Path, budget: int = CACHE_BUDGET) -> dict[str, 
     return table
 
 
-def _weights(build, model: str, log) -> tuple[Path, Path]:
-    """A Q8_0 GGUF of the model (the weights every cache type runs with) and the bench cache folder."""
+def _weights(build, model: str, log) -> tuple[Path, Path, Path]:
+    """A Q8_0 GGUF of the model (the weights every cache type runs with), its reference and the bench cache folder."""
     from .bench import _reference_and_checkpoint
 
     reference, _, workdir = _reference_and_checkpoint(model, "f32", log)
     weights = workdir / "Q8_0.gguf"
     if not weights.exists():
         llama_tools.llama_quantize(build, reference, weights, "Q8_0")
-    return weights, workdir
+    return weights, reference, workdir
+
+
+def _smoothed_weights(build, reference: Path, workdir: Path, log) -> Path:
+    """The Q8_0 weights after K smoothing (convert/equalize.py: K's outlier channels moved into Q, exact in float)."""
+    from convert.requantize import requantize_gguf
+
+    weights = workdir / "Q8_0-smoothK.gguf"
+    if not weights.exists():
+        log("K smoothing, then llama-quantize Q8_0")
+        smoothed = workdir / "F32-smoothK.gguf"
+        try:
+            requantize_gguf(reference, smoothed, None, smooth_keys=True, quiet=True)
+            llama_tools.llama_quantize(build, smoothed, weights, "Q8_0")
+        finally:
+            smoothed.unlink(missing_ok=True)
+    return weights
+
+
+def variant(name: str) -> tuple[str, str, dict[str, str], bool]:
+    """(K type, V type, environment, on K-smoothed weights) of a KV variant name; SMOOTHED_SUFFIX marks the last."""
+    smoothed = name.endswith(SMOOTHED_SUFFIX)
+    base = name[:-len(SMOOTHED_SUFFIX)] if smoothed else name
+    if base not in KV_VARIANTS:
+        raise ValueError(f"unknown KV variant {name!r}; known: {', '.join(KV_VARIANTS)} "
+                         f"(each also with {SMOOTHED_SUFFIX} for K-smoothed weights)")
+    return (*KV_VARIANTS[base], smoothed)
 
 
 def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, variants: tuple[str, ...] | None = None,
@@ -123,34 +151,37 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     started = time.time()
     build = builder.ensure_build()
     names = list(variants or KV_VARIANTS)
-    unknown = [n for n in names if n not in KV_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown KV variant(s) {', '.join(unknown)}; known: {', '.join(KV_VARIANTS)}")
+    for name in names:
+        variant(name)  # unknown names fail before any work
     if "f16" not in names:
         names.insert(0, "f16")
-    weights, workdir = _weights(build, model, log)
+    plain, reference, workdir = _weights(build, model, log)
+    smoothed = _smoothed_weights(build, reference, workdir, log) if any(variant(n)[3] for n in names) else None
+    weights_of = {name: smoothed if variant(name)[3] else plain for name in names}
     text = textdata.measurement_text_file()
     threads = threads or llama_tools.default_threads()
-    layout = plan.read_layout(weights)
-    kept = kvcache.safe_k_layers(weights, limit=kvcache.OUTLIER_LIMIT)
+    layout = plan.read_layout(plain)
+    kept_in = {w: kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT) for w in set(weights_of.values())}
     values_per_token = sum(a.k_width + a.v_width for a in layout.attention)
     results = {}
     for name in names:
-        type_k, type_v, env = KV_VARIANTS[name]
+        type_k, type_v, env, _ = variant(name)
+        kept = kept_in[weights_of[name]]
         safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
         per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
         results[name] = KVResult(name, type_k, type_v, per_token * 8 / values_per_token, safe, per_token)
 
+    # every variant is scored against the f16 cache on the plain weights, smoothed ones included
     base = workdir / f"kv-f16.ctx{ctx}.chunks{chunks}.kld"
     for name in names:
-        type_k, type_v, env = KV_VARIANTS[name]
+        type_k, type_v, env, _ = variant(name)
         log(f"perplexity, KV {name}")
         cache = ["-fa", "on", "-ctk", type_k, "-ctv", type_v]
         if name == "f16":
-            q = llama_tools.perplexity(build, weights, text, ctx=ctx, chunks=chunks, save_kld_base=base, threads=threads, extra=cache)
+            q = llama_tools.perplexity(build, plain, text, ctx=ctx, chunks=chunks, save_kld_base=base, threads=threads, extra=cache)
         else:
-            q = llama_tools.perplexity(build, weights, text, ctx=ctx, chunks=chunks, kld_base=base, threads=threads,
-                                       extra=cache, env=env)
+            q = llama_tools.perplexity(build, weights_of[name], text, ctx=ctx, chunks=chunks, kld_base=base,
+                                       threads=threads, extra=cache, env=env)
         r = results[name]
         r.ppl, r.kld_mean, r.kld_p99, r.same_top_p = q.ppl, q.kld_mean, q.kld_p99, q.same_top_p
 
@@ -158,9 +189,9 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     for round_index in range(rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
-            type_k, type_v, env = KV_VARIANTS[name]
+            type_k, type_v, env, _ = variant(name)
             log(f"llama-bench round {round_index + 1}/{rounds}, KV {name}")
-            rows = llama_tools.bench(build, [weights], repetitions=1, threads=threads, env=env,
+            rows = llama_tools.bench(build, [weights_of[name]], repetitions=1, threads=threads, env=env,
                                      extra=["-fa", "1", "-ctk", type_k, "-ctv", type_v, "-d", str(depth)])
             for row in rows:
                 (samples[name][0] if row["n_prompt"] else samples[name][1]).append(float(row["avg_ts"]))
@@ -173,7 +204,9 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
         r.tg_vs_f16 = r.tg / f16.tg if r.tg and f16.tg else None
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "seed-configs"
-    result = KVBenchResult(model=model, weights=f"{weights.name} (Q8_0 weights, the same for every cache type)", ctx=ctx,
+    weights_note = f"{plain.name} (Q8_0 weights, the same for every cache type" + \
+        (f"; {SMOOTHED_SUFFIX}: {smoothed.name}, the same after K smoothing)" if smoothed else ")")
+    result = KVBenchResult(model=model, weights=weights_note, ctx=ctx,
                            chunks=chunks, depth=depth, text=text.name, results=list(results.values()),
                            max_context_4gib=seed_max_context(shared), seconds=time.time() - started,
                            machine=llama_tools.machine_description())

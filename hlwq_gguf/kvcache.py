@@ -80,5 +80,14 @@ def k_type_note(path: str | Path, kv_type: str) -> str | None:
     if not layers:
         return None
     which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    hint = "" if is_smoothed(path) else "; hlwq-gguf convert's K smoothing leaves fewer such layers"
     return (f"K stays {SAFE_K_TYPE} instead of {kv_type} in {which} of {Path(path).name}: its key bias has outlier "
-            f"channels that a low-bit code destroys (--kv-k {kv_type} forces it)")
+            f"channels that a low-bit code destroys (--kv-k {kv_type} forces it{hint})")
+
+
+def is_smoothed(path: str | Path) -> bool:
+    """Whether the GGUF's K outlier channels were moved into Q when it was converted (convert/equalize.py)."""
+    from . import gguf_types
+
+    gguf = gguf_types.register()
+    return "hlwq.smooth_keys" in gguf.GGUFReader(str(path)).fields

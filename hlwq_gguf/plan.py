@@ -162,14 +162,14 @@ def _per_layer(value, n: int, default: int = 0) -> list[int]:
 
 def read_layout(path: str | Path) -> ModelLayout:
     """Read tensor sizes and the attention / expert hyperparameters of `path` (any GGUF, HLWQ types included)."""
-    from . import gguf_types
+    from . import gguf_files
 
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"{path}: no such file")
     try:
-        reader = gguf_types.read_gguf(path)
-    except gguf_types.GGUFFileError as e:
+        reader = gguf_files.read_gguf(path)
+    except gguf_files.GGUFFileError as e:
         raise PlanError(str(e)) from None
     try:
         return _layout(path, reader)

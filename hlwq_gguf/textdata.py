@@ -31,7 +31,8 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-from .models import WheelPart, cache_root, download_wheel
+from . import paths
+from .models import WheelPart, download_wheel
 
 __all__ = [
     "GENSIM_WHEEL",
@@ -249,7 +250,7 @@ def mediawiki_xml_to_text(xml: bytes) -> str:
 
 def measurement_text_file(*, force: bool = False) -> Path:
     """Path of the cached measurement text (built on first use)."""
-    d = cache_root() / "text"
+    d = paths.cache_root() / "text"
     path = d / f"enwiki-gensim-4.4.0-v{TEXT_VERSION}.txt"
     if path.is_file() and not force:
         return path

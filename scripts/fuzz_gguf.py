@@ -136,42 +136,6 @@ class PythonTarget:
                 block_type.dequantize(packed)
 
 
-def write_seeds(folder: Path) -> list[Path]:
-    """Small valid GGUFs with HLWQ tensors of every block family and llama metadata."""
-    import numpy as np
-
-    from hlwq_gguf import codec, gguf_types
-
-    gguf = gguf_types.register()
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    seeds = []
-    groups = [("HLWQ5", "HLWQ3"), ("HLWQ4_64", "HLWQ6_64"), ("HLWQ5_A", "HLWQ4_B"), ("HLWQ6", "HLWQ3_64")]
-    for index, names in enumerate(groups):
-        path = folder / f"seed-{index}.gguf"
-        writer = gguf.GGUFWriter(path, "llama")
-        writer.add_block_count(2)
-        writer.add_embedding_length(128)
-        writer.add_head_count(2)
-        writer.add_head_count_kv(1)
-        writer.add_feed_forward_length(256)
-        writer.add_string("general.name", "fuzz seed")
-        writer.add_array("tokenizer.ggml.scores", [0.5, -1.0])
-        for layer, name in enumerate(names):
-            block_type = codec.BLOCK_TYPES[name]
-            weights = (rng.standard_normal((2, block_type.block_size * 2)) * 0.02).astype(np.float32)
-            packed = block_type.quantize(weights)
-            writer.add_tensor(f"blk.{layer}.attn_q.weight", packed.reshape(weights.shape[0], -1),
-                              raw_dtype=gguf.GGMLQuantizationType[name])
-        writer.add_tensor("blk.0.attn_norm.weight", np.ones(128, np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        seeds.append(path)
-    return seeds
-
-
 def gguf_aware_mutation(data: bytes, max_size: int, seed: int) -> bytes:
     """Replace a 4- or 8-byte field in the header/metadata/tensor-info region by a boundary value, or swap two
     fields, or cut the file: the mutations that reach the loader's length, count and offset checks."""
@@ -220,6 +184,7 @@ def main() -> None:
         import gguf  # noqa: F401
         from hlwq_gguf import codec, gguf_types, plan  # noqa: F401
     from hlwq_gguf import build as builder
+    from hlwq_gguf.testing.fuzz_seeds import write_seeds
 
     lib_dir = args.lib_dir or builder.ensure_build().bin
     scratch = Path(tempfile.mkdtemp(prefix="hlwq-fuzz-"))

@@ -5,7 +5,7 @@
 
 On a registry model (default gemma3-270m: every row width a multiple of 128, so every block can be copied):
   1. emulate the reference quantizer (table A, raw-norm scale, 5 bits) into its "dot" checkpoint layout
-     (tests/reference_checkpoints.py; the codes match the reference's own on >= 99.999 % of weights);
+     (hlwq_gguf/testing/reference_checkpoints.py; the codes match the reference's own on >= 99.999 % of weights);
   2. import it with `hlwq-gguf convert` (codes copied: HLWQ5_A);
   3. what users do without an import: dequantize that checkpoint to BF16 and quantize again, with our HLWQ5 and
      with the reference's own quantizer again;
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 from convert import convert_checkpoint  # noqa: E402
 from hlwq_gguf import bench, build as builder, gguf_stats, llama_tools, textdata  # noqa: E402
-from reference_checkpoints import write_dot_checkpoint  # noqa: E402
+from hlwq_gguf.testing.reference_checkpoints import write_dot_checkpoint  # noqa: E402
 
 
 def _bf16_folder(source: Path, target: Path, weights: dict[str, np.ndarray]) -> Path:

@@ -7,7 +7,7 @@ from convert import ConversionError, convert_checkpoint
 from convert import allocate as allocator
 from hlwq_gguf import gguf_stats, gguf_types
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 
 def test_base_bits():

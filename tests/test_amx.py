@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 from hlwq_gguf import llama_tools, upstream
 
 MMQ = "ggml/src/ggml-cpu/amx/mmq.cpp"

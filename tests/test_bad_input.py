@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from convert import ConversionError, convert_checkpoint
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 
 def _convert_fails(source, out, match: str) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from convert import convert_checkpoint
-from hlwq_gguf import codec, gguf_stats, gguf_types, llama_tools, paths, recipes, textdata
+from hlwq_gguf import gguf_stats, gguf_types, llama_tools, recipes, textdata
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_memory_does_not_grow_with_model_size(smollm2_hf, tmp_path):
     The two checkpoints differ by 115 MiB of float32 layers; holding converted tensors until the end would add
     all of it to the peak; streaming adds nothing but allocator noise (measured: +0.2 MiB over a 328 MiB peak).
     """
-    from conftest import write_tiny_llama
+    from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
     peaks, sizes = {}, {}
     for layers in (2, 24):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 
 def _convert_command(source: Path, out: Path) -> list[str]:

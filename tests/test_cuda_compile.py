@@ -10,6 +10,8 @@ import pytest
 
 from hlwq_gguf import cudacheck, upstream
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 def test_patched_cuda_sources_compile():

@@ -19,6 +19,8 @@ import pytest
 
 from hlwq_gguf import paths, upstream
 
+pytestmark = [pytest.mark.gpu, pytest.mark.needs_build]
+
 HERE = Path(__file__).parent / "cuda_emu"
 KERNEL_FILES = ["hlwq.cuh", "hlwq-kv.cuh", "hlwq-kv.cu", "mmvq-hlwq.cuh", "mmvq-hlwq.cu"]
 FATTN_START = "// HLWQ K and V are read in their rotated domain"

@@ -12,7 +12,7 @@ from convert import convert_checkpoint
 from convert.reference import reference_gguf
 from hlwq_gguf import codec, gguf_types, llama_tools
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 
 def _digest(path) -> str:

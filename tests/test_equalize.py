@@ -86,8 +86,8 @@ def test_plain_gguf_path_matches_the_checkpoint_path(smollm2_f32_gguf, smollm2_h
 
 
 def test_unsupported_architecture_and_bad_inputs_are_refused(smollm2_f32_gguf, tmp_path):
-    with pytest.raises(ConversionError, match="not available for architecture 'deepseek2'"):
-        equalizer.plan("deepseek2", {}, {"block_count": 1})
+    with pytest.raises(ConversionError, match="not available for architecture 'phi3'"):
+        equalizer.plan("phi3", {}, {"block_count": 1})
     with pytest.raises(ConversionError, match="weights alone is not reliable for architecture 'gemma3'"):
         equalizer.plan("gemma3", {}, {"block_count": 1})
     bogus = tmp_path / "bogus.imatrix.gguf"
@@ -122,13 +122,16 @@ def test_channel_scales_balance_importance_against_column_norms():
     assert np.all(np.isfinite(s)) and s.min() >= 1 / equalizer.MAX_SCALE_RATIO - 1e-6 and s.max() <= equalizer.MAX_SCALE_RATIO + 1e-6
 
 
-def test_imatrix_without_an_equalization_rule_still_weights_the_codes(llama_build, smollm2_hf, tmp_path):
-    """qwen35 has no equalization rule: --imatrix is not refused, it reaches ggml's quantizer as importance weights."""
+def test_imatrix_without_an_equalization_rule_still_weights_the_codes(llama_build, smollm2_hf, tmp_path, monkeypatch):
+    """For an architecture without an equalization rule (GLM-4.7-Flash's, with its rule taken away here: every seed
+    architecture has one now) --imatrix is not refused, it reaches ggml's quantizer as importance weights."""
     from convert.reference import reference_gguf
-    from tiny_seeds import write_tiny_qwen3_5
+    from hlwq_gguf.testing.tiny_seeds import write_tiny_glm4_moe_lite
 
     f32 = tmp_path / "f32.gguf"
-    reference_gguf(write_tiny_qwen3_5(tmp_path / "hf", smollm2_hf, text_only=True), f32, "f32")
+    reference_gguf(write_tiny_glm4_moe_lite(tmp_path / "hf", smollm2_hf), f32, "f32")
+    monkeypatch.setattr(equalizer, "SUPPORTED_ARCHITECTURES",
+                        tuple(a for a in equalizer.SUPPORTED_ARCHITECTURES if a != "deepseek2"))
     imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
                                   ctx=128, chunks=4)
     requantize_gguf(f32, tmp_path / "plain.gguf", "hlwq5", quiet=True)
@@ -143,9 +146,108 @@ def test_imatrix_without_an_equalization_rule_still_weights_the_codes(llama_buil
         if name not in plain or not plain[name].tensor_type.name.startswith("HLWQ"):
             continue
         x = gguf.quants.dequantize(source[name].data, source[name].tensor_type)
+        if columns.size != x.shape[-1]:
+            continue  # per-head statistics of a batched product (MLA's attn_k_b): not passed on
         errors = [float((((x - gguf.quants.dequantize(q[name].data, q[name].tensor_type)) ** 2) * columns).sum())
                   for q in (plain, weighted)]
         ratios.append(errors[1] / errors[0])
     assert len(ratios) == stats["weighted"]
     # random weights give a flat importance matrix, so the gain is small, but every tensor gains
     assert max(ratios) < 1.0 and float(np.mean(ratios)) < 0.995
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
+def test_equalized_qwen_replica_computes_the_same_function(architecture, llama_build, smollm2_hf, tmp_path):
+    """The qwen2 (q/k/v biases) and qwen3 (q/k norms after the projections) rules: exact in float."""
+    import json
+
+    from convert.reference import reference_gguf
+    from hlwq_gguf.testing.tiny_llama import write_tiny_llama
+
+    rng = np.random.default_rng(5)
+    heads, kv_heads, head_dim, hidden = 2, 1, 64, 128
+    overrides = {}
+    for layer in range(2):
+        p = f"model.layers.{layer}.self_attn."
+        if architecture == "qwen2":
+            for name, rows in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+                overrides[p + name + ".bias"] = (rng.standard_normal(rows * head_dim) * 0.3).astype(np.float32)
+        else:
+            for name in ("q_norm", "k_norm"):
+                overrides[p + name + ".weight"] = (1 + 0.2 * rng.standard_normal(head_dim)).astype(np.float32)
+        # uneven activations, so that the scales move
+        overrides[f"model.layers.{layer}.input_layernorm.weight"] = rng.lognormal(0, 1, hidden).astype(np.float32)
+        overrides[f"model.layers.{layer}.post_attention_layernorm.weight"] = rng.lognormal(0, 1, hidden).astype(np.float32)
+    folder = write_tiny_llama(tmp_path / "hf", smollm2_hf, layers=2, overrides=overrides)
+    config = json.loads((folder / "config.json").read_text())
+    # model_type stays llama: AutoTokenizer would pick the Qwen tokenizer class from it, whose hash of SmolLM2's
+    # vocabulary upstream does not know; the converter picks the model class from "architectures"
+    config.update({"architectures": ["Qwen2ForCausalLM" if architecture == "qwen2" else "Qwen3ForCausalLM"],
+                   "attention_bias": architecture == "qwen2"})
+    (folder / "config.json").write_text(json.dumps(config))
+    f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
+    assert gguf_types.register().GGUFReader(str(f32)).fields["general.architecture"].contents() == architecture
+    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
+                                  ctx=128, chunks=4)
+    out = tmp_path / "equalized.gguf"
+    stats = requantize_gguf(f32, out, recipe=None, imatrix=imatrix, quiet=True, smooth_keys=False)
+    # per layer: attn_norm, q, k, v (columns and rows), attn_output, ffn_norm, gate, up (columns and rows), down
+    assert stats["equalized"] == 2 * 9 + (2 if architecture == "qwen2" else 0)  # + attn_v.bias
+    before, after = _tensors(f32), _tensors(out)
+    assert not np.allclose(before["blk.0.attn_q.weight"], after["blk.0.attn_q.weight"])
+    base = tmp_path / "f32.kld"
+    text = textdata.measurement_text_file()
+    llama_tools.perplexity(llama_build, f32, text, ctx=128, chunks=4, save_kld_base=base)
+    assert llama_tools.perplexity(llama_build, out, text, ctx=128, chunks=4, kld_base=base).kld_mean < 1e-5
+
+
+# seed replica -> tensors equalization must change, and one it must leave alone
+REPLICAS = {
+    # the DeltaNet layers' qkv, z gate and alpha/beta and the full-attention layers' q, k, v share attn_norm; the
+    # FFN reads post_attention_norm; ssm_out follows a per-head gated norm, so it keeps its columns
+    "qwen3.5": ("write_tiny_qwen3_5", ("blk.0.attn_gate.weight", "blk.0.ssm_alpha.weight", "blk.0.attn_qkv.weight",
+                                       "blk.3.attn_q.weight", "blk.0.post_attention_norm.weight",
+                                       "blk.3.attn_output.weight"), "blk.0.ssm_out.weight"),
+    # V is RMS-normalised after its projection, so attn_output keeps its columns
+    "gemma4-dense": ("write_tiny_gemma4_dense", ("blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.ffn_norm.weight"),
+                     "blk.0.attn_output.weight"),
+    # the routed experts, the shared expert, the router and the shared expert's gate all read post_attention_norm
+    "qwen3.5-moe": ("write_tiny_qwen3_5_moe", ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_down_exps.weight",
+                                               "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight",
+                                               "blk.0.ffn_gate_inp_shexp.weight", "blk.0.attn_gate.weight"),
+                    "blk.0.ssm_out.weight"),
+    # MLA: attn_norm -> q_a, kv_a_mqa; q_a_norm -> q_b; a dense lead layer; then the router, experts and shared
+    # expert behind ffn_norm. The kv latent's norm is left alone (the cache holds it; k_b and v_b read it)
+    "glm-4.7-flash": ("write_tiny_glm4_moe_lite", ("blk.0.attn_kv_a_mqa.weight", "blk.0.attn_q_b.weight",
+                                                   "blk.0.ffn_down.weight", "blk.2.ffn_gate_inp.weight",
+                                                   "blk.1.ffn_down_exps.weight", "blk.1.ffn_down_shexp.weight"),
+                      "blk.1.attn_v_b.weight"),
+    # the experts read pre_ffw_norm_2 into one fused gate_up tensor; the router reads another normalisation
+    "gemma4-moe": ("write_tiny_gemma4_moe", ("blk.0.ffn_gate_up_exps.weight", "blk.0.ffn_down_exps.weight",
+                                             "blk.0.pre_ffw_norm_2.weight", "blk.0.ffn_up.weight"),
+                   "blk.0.ffn_gate_inp.weight"),
+}
+
+
+@pytest.mark.parametrize("family", list(REPLICAS))
+def test_equalized_seed_replica_computes_the_same_function(family, llama_build, smollm2_hf, tmp_path):
+    """The rules for the seed architectures with one (Qwen3.5 hybrid, Gemma-4 dense and MoE): exact in float."""
+    from convert.reference import reference_gguf
+    from hlwq_gguf.testing import tiny_seeds
+
+    writer, changed, kept = REPLICAS[family]
+    folder = getattr(tiny_seeds, writer)(tmp_path / "hf", smollm2_hf, **({} if "glm" in family else {"text_only": True}))
+    f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
+    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
+                                  ctx=128, chunks=4)
+    out = tmp_path / "equalized.gguf"
+    stats = requantize_gguf(f32, out, recipe=None, imatrix=imatrix, quiet=True)
+    before, after = _tensors(f32), _tensors(out)
+    for name in changed:
+        assert not np.allclose(before[name], after[name]), name
+    np.testing.assert_array_equal(before[kept], after[kept])
+    assert stats["equalized"] >= 4 * len(changed)
+    base = tmp_path / "f32.kld"
+    text = textdata.measurement_text_file()
+    llama_tools.perplexity(llama_build, f32, text, ctx=128, chunks=4, save_kld_base=base)
+    assert llama_tools.perplexity(llama_build, out, text, ctx=128, chunks=4, kld_base=base).kld_mean < 1e-5

@@ -12,19 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from hlwq_gguf import gguf_types, plan
+from hlwq_gguf import gguf_files, plan
+from hlwq_gguf.testing.fuzz_seeds import write_seeds
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_build]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_gguf.py"
 FUZZ_SECONDS = 60
 
 
 def _seed(tmp_path) -> bytes:
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import fuzz_gguf
-    finally:
-        sys.path.pop(0)
-    return fuzz_gguf.write_seeds(tmp_path / "seeds")[0].read_bytes()
+    return write_seeds(tmp_path / "seeds")[0].read_bytes()
 
 
 def _after_key(data: bytes, key: str) -> int:
@@ -70,8 +68,8 @@ def test_hostile_array_length_is_refused_before_gguf_py_reads_it(tmp_path, llama
     data[at:at + 8] = struct.pack("<Q", 2**40)
     path = tmp_path / "hostile.gguf"
     path.write_bytes(bytes(data))
-    with pytest.raises(gguf_types.GGUFFileError, match="llama.cpp's GGUF parser refuses it"):
-        gguf_types.read_gguf(path)
+    with pytest.raises(gguf_files.GGUFFileError, match="llama.cpp's GGUF parser refuses it"):
+        gguf_files.read_gguf(path)
     with pytest.raises(plan.PlanError, match="hostile.gguf"):
         plan.read_layout(path)
 

@@ -11,7 +11,7 @@ import pytest
 from convert import convert_checkpoint
 from hlwq_gguf import codec, gguf_types
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 FP16_BITS = {"nan": 0x7E00, "+inf": 0x7C00, "-inf": 0xFC00}
 

@@ -17,10 +17,22 @@ import pytest
 from convert import ConversionError, convert_checkpoint, polarquant
 from hlwq_gguf import codec, gguf_types, runtime
 
-FIXTURES = Path(os.environ.get("HLWQ_FIXTURES", Path(__file__).resolve().parents[2] / "shared/hlwq/fixtures"))
+# the whole reference set beside the checkout when there is one, else the subset every clone carries
+# (tests/fixtures/reference/README.md)
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared/hlwq/fixtures"
+REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
+FIXTURES = Path(os.environ.get("HLWQ_FIXTURES") or (SHARED_FIXTURES if SHARED_FIXTURES.is_dir() else REPO_FIXTURES))
 CHECKPOINTS = FIXTURES / "checkpoints"
 if not (CHECKPOINTS / "checkpoints.json").is_file():
     pytest.skip(f"HLWQ reference checkpoints not found at {CHECKPOINTS}", allow_module_level=True)
+
+
+def _needs(*paths: Path):
+    """Skip where the fixture set in use lacks a file (the in-repo subset has two of the seven import cases)."""
+    __tracebackhide__ = True
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        pytest.skip(f"not in the fixture set at {FIXTURES}: {', '.join(p.name for p in missing)}")
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 gguf = gguf_types.register(pytest.importorskip("gguf"))
@@ -56,6 +68,7 @@ def stand_in_tokenizer(tmp_path_factory) -> Path:
 
 def _checkpoint(tmp_path: Path, folder: str, tokenizer: Path) -> Path:
     target = tmp_path / Path(folder).name
+    _needs(CHECKPOINTS / folder)
     shutil.copytree(CHECKPOINTS / folder, target)
     for sub in [target, *[p.parent for p in target.glob("*/config.json")]]:
         shutil.copy(tokenizer, sub / "tokenizer.model")
@@ -104,6 +117,7 @@ def _gguf_weights(path: Path, ggml) -> dict[str, tuple[str, np.ndarray]]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_imports_to_the_reference_weights(case, tmp_path, stand_in_tokenizer, ggml, llama_build):
     folder, codebook, expected_name, letter = CASES[case]
+    _needs(CHECKPOINTS / "expected" / f"{expected_name}.safetensors")
     source = _checkpoint(tmp_path, folder, stand_in_tokenizer)
     out = tmp_path / "model.gguf"
     report = convert_checkpoint(source, out, quiet=True, codebook=codebook)
@@ -228,6 +242,7 @@ def test_codeless_int4_release_is_refused_unread(folder, tmp_path, monkeypatch):
 
 def test_gptq_release_is_refused(tmp_path):
     source = tmp_path / "gptq"
+    _needs(CHECKPOINTS / "source_bf16")
     shutil.copytree(CHECKPOINTS / "source_bf16", source)
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
@@ -316,8 +331,8 @@ def test_moe_experts_are_stacked_from_their_codes(family, tmp_path, smollm2_hf, 
     expert (GLM-4.7-Flash-like) land in llama.cpp's stacked expert tensors with their codes copied. Rows llama.cpp
     cannot take block for block (Gemma's 704/2112-wide rows padded to 768/2176, GLM's kv_b split and transposed into
     k_b) are decoded exactly, trimmed and re-encoded, with the added error reported."""
-    import tiny_seeds
-    from reference_checkpoints import write_dot_checkpoint
+    from hlwq_gguf.testing import tiny_seeds
+    from hlwq_gguf.testing.reference_checkpoints import write_dot_checkpoint
 
     writer, gguf_name, hf_name, reencoded = MOE_FAMILIES[family]
     source = getattr(tiny_seeds, writer)(tmp_path / "hf", smollm2_hf)

@@ -54,6 +54,7 @@ def test_generation_with_an_hlwq_cache(smollm2_q8, kv_type):
     del reference
     llm = runtime.open_model(smollm2_q8, n_ctx=512, kv_type=kv_type)
     text = llm.create_completion(prompt, max_tokens=8, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+    print(f"{kv_type}: {text!r} vs f16 {expected!r}")
     assert text.split()[:1] == expected.split()[:1] and text.strip()
 
 

@@ -13,17 +13,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 from hlwq_gguf import kvcache, llama_tools, textdata
 from hlwq_gguf import plan as planner
 
 
-@pytest.fixture(scope="module")
-def biased_llama(smollm2_hf, tmp_path_factory):
+def _write_biased(folder, smollm2_hf, architecture: str | None = None):
     """Two layers, head size 64; layer 0's key bias has one channel of 40 among values of about 0.1."""
-    from convert.reference import reference_gguf
-
-    work = tmp_path_factory.mktemp("kv-safety")
     rng = np.random.default_rng(0)
     head, heads, kv_heads = 64, 2, 1
     overrides = {}
@@ -34,11 +30,29 @@ def biased_llama(smollm2_hf, tmp_path_factory):
         overrides[f"model.layers.{layer}.self_attn.k_proj.bias"] = k_bias
         overrides[f"model.layers.{layer}.self_attn.q_proj.bias"] = (rng.standard_normal(heads * head) * 0.1).astype(np.float32)
         overrides[f"model.layers.{layer}.self_attn.v_proj.bias"] = (rng.standard_normal(kv_heads * head) * 0.1).astype(np.float32)
-    folder = write_tiny_llama(work / "hf", smollm2_hf, hidden=128, intermediate=320, layers=2, overrides=overrides)
+    folder = write_tiny_llama(folder, smollm2_hf, hidden=128, intermediate=320, layers=2, overrides=overrides)
     config = json.loads((folder / "config.json").read_text())
     config["attention_bias"] = True
+    if architecture == "qwen2":
+        # the converter picks the model class from "architectures"; model_type stays llama because AutoTokenizer
+        # would pick Qwen2's tokenizer class from it, whose hash of SmolLM2's vocabulary upstream does not know
+        config["architectures"] = ["Qwen2ForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
-    return reference_gguf(folder, work / "biased-f32.gguf", "f32")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def biased_llama(smollm2_hf, tmp_path_factory):
+    from convert.reference import reference_gguf
+
+    work = tmp_path_factory.mktemp("kv-safety")
+    return reference_gguf(_write_biased(work / "hf", smollm2_hf), work / "biased-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def biased_qwen2(smollm2_hf, tmp_path_factory):
+    """The same weights as a Qwen2 checkpoint (NEOX RoPE: channel i pairs with i + 32)."""
+    return _write_biased(tmp_path_factory.mktemp("kv-safety-qwen2") / "hf", smollm2_hf, "qwen2")
 
 
 def _completion_log(llama_build, model, *args, env=None) -> str:
@@ -70,21 +84,78 @@ def test_rule_finds_the_outlier_layer_in_python_and_llama_cpp(llama_build, biase
     assert "K stays" not in _completion_log(llama_build, biased_llama, "-ctk", "q4_0", "-ctv", "q4_0")
 
 
+def _kld(llama_build, model, base, cache: str = "hlwq4_64", env=None) -> float:
+    """KL divergence of `model` with a `cache` K/V against the logits saved in `base` (ctx 256 x 8 chunks)."""
+    text = textdata.measurement_text_file()
+    cmd = [llama_build.tool("llama-perplexity"), "-m", model, "-f", text, "-c", "256", "--chunks", "8",
+           "-fa", "on", "-ctk", cache, "-ctv", cache, "--kl-divergence-base", base, "--kl-divergence"]
+    log = llama_tools.run_tool(cmd, timeout=600, env=env)
+    return float(re.search(r"Mean\s+KLD:\s+([0-9.e-]+)", log).group(1))
+
+
+def _save_f16_cache_logits(llama_build, model, base):
+    llama_tools.perplexity(llama_build, model, textdata.measurement_text_file(), ctx=256, chunks=8, save_kld_base=base)
+
+
 def test_rule_keeps_attention_quality(llama_build, biased_llama, tmp_path):
     """KL divergence against the f16 cache: the kept layer takes most of what the forced 4-bit K loses."""
-    text = textdata.measurement_text_file()
     base = tmp_path / "f16.kld"
-    llama_tools.perplexity(llama_build, biased_llama, text, ctx=256, chunks=8, save_kld_base=base)
-
-    def kld(env):
-        cmd = [llama_build.tool("llama-perplexity"), "-m", biased_llama, "-f", text, "-c", "256", "--chunks", "8",
-               "-fa", "on", "-ctk", "hlwq4_64", "-ctv", "hlwq4_64", "--kl-divergence-base", base, "--kl-divergence"]
-        log = llama_tools.run_tool(cmd, timeout=600, env=env)
-        return float(re.search(r"Mean\s+KLD:\s+([0-9.e-]+)", log).group(1))
-
-    kept, forced = kld(None), kld({"LLAMA_KV_HLWQ_K_OUTLIER": "0"})
+    _save_f16_cache_logits(llama_build, biased_llama, base)
+    kept, forced = _kld(llama_build, biased_llama, base), _kld(llama_build, biased_llama, base, env=_FORCE)
     print(f"KLD hlwq4_64 with layer 0's K at q8_0 {kept}, forced hlwq4_64 {forced}")
     assert kept < 0.6 * forced
+
+
+_FORCE = {"LLAMA_KV_HLWQ_K_OUTLIER": "0"}
+
+
+def test_key_smoothing_is_exact_and_lets_a_4_bit_cache_hold_k(llama_build, biased_qwen2, biased_llama, tmp_path):
+    """convert/equalize.py's K smoothing (default for qwen2): the same function in float, no layer left to keep at
+    q8_0, and a forced 4-bit K loses less than before."""
+    from convert.reference import reference_gguf
+    from convert.requantize import requantize_gguf
+
+    plain, smoothed = tmp_path / "plain-f32.gguf", tmp_path / "smoothed-f32.gguf"
+    reference_gguf(biased_qwen2, plain, "f32")
+    stats = requantize_gguf(plain, smoothed, None, quiet=True)
+    assert stats["smoothed_layers"] == 2 and stats["equalized"] == 2 * 4  # q, k and their biases per layer
+    assert kvcache.safe_k_layers(plain) == [0] and kvcache.safe_k_layers(smoothed) == []
+    assert requantize_gguf(plain, tmp_path / "off.gguf", None, quiet=True, smooth_keys=False)["smoothed_layers"] == 0
+    # llama pairs RoPE channels 2i, 2i+1 in GGUF order (its converter permutes q/k rows): exact there too
+    llama_smoothed = tmp_path / "llama-smoothed-f32.gguf"
+    assert requantize_gguf(biased_llama, llama_smoothed, None, quiet=True, smooth_keys=True)["smoothed_layers"] == 2
+    llama_base = tmp_path / "llama-f16.kld"
+    _save_f16_cache_logits(llama_build, biased_llama, llama_base)
+    assert _kld(llama_build, llama_smoothed, llama_base, cache="f16") < 1e-5
+
+    base = tmp_path / "f16.kld"
+    _save_f16_cache_logits(llama_build, plain, base)
+    assert _kld(llama_build, smoothed, base, cache="f16") < 1e-5
+    before, after = _kld(llama_build, plain, base, env=_FORCE), _kld(llama_build, smoothed, base, env=_FORCE)
+    print(f"KLD forced hlwq4_64: {before} plain, {after} smoothed")
+    assert after < 0.7 * before  # measured: 0.45x
+
+
+def test_checkpoint_path_smooths_keys_like_the_gguf_path(biased_qwen2, tmp_path):
+    from convert import convert_checkpoint
+    from hlwq_gguf import gguf_types
+
+    gguf = gguf_types.register()
+    streamed, from_gguf, off = tmp_path / "streamed.gguf", tmp_path / "from-gguf.gguf", tmp_path / "off.gguf"
+    report = convert_checkpoint(biased_qwen2, streamed, "hlwq5", quiet=True)
+    assert report.smoothed_layers == 2
+    # the explicit option takes the full-precision GGUF path
+    assert convert_checkpoint(biased_qwen2, from_gguf, "hlwq5", quiet=True, smooth_keys=True).smoothed_layers == 2
+    convert_checkpoint(biased_qwen2, off, "hlwq5", quiet=True, smooth_keys=False)
+    readers = [gguf.GGUFReader(str(p)) for p in (streamed, from_gguf, off)]
+    a, b, c = ({t.name: np.array(t.data) for t in r.tensors} for r in readers)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert not np.array_equal(a["blk.0.attn_k.bias"], c["blk.0.attn_k.bias"])
+    np.testing.assert_array_equal(a["blk.0.attn_v.bias"], c["blk.0.attn_v.bias"])
+    assert [r.fields["hlwq.smooth_keys"].contents() if "hlwq.smooth_keys" in r.fields else None for r in readers] == \
+        ["weights", "weights", None]
 
 
 def test_no_layer_is_kept_without_key_biases(smollm2_f32_gguf):
@@ -100,6 +171,7 @@ def test_cli_says_which_layers_and_plans_their_size(biased_llama):
     safe = plan("--kv", "hlwq4")
     assert safe.returncode == 0, safe.stderr
     assert "K stays q8_0 instead of hlwq4 in layer 0 of biased-f32.gguf" in safe.stderr
+    assert "K smoothing leaves fewer" in safe.stderr  # the file was not converted with it
     forced = plan("--kv", "hlwq4", "--kv-k", "hlwq4")
     assert forced.returncode == 0 and "K stays" not in forced.stderr
 
@@ -108,3 +180,22 @@ def test_cli_says_which_layers_and_plans_their_size(biased_llama):
         return planner.parse_size(size.replace(" ", ""))
 
     assert kv_bytes(safe.stdout) > kv_bytes(forced.stdout)
+
+
+def test_kv_bench_scores_smoothed_weights_against_the_plain_f16_cache(llama_build, tmp_path):
+    """`hlwq-gguf bench --kv` variants with the +sk suffix run on K-smoothed weights; on SmolLM2 (llama, RoPE on
+    adjacent channel pairs, no key biases) the smoothed weights with an f16 cache compute the plain ones' function."""
+    from hlwq_gguf import kvbench
+
+    result = kvbench.run_kv_bench("smollm2-135m", tmp_path, variants=("f16+sk", "hlwq4", "hlwq4+sk"), ctx=256,
+                                  chunks=2, rounds=0, log=lambda *_: None)
+    rows = {r.name: r for r in result.results}
+    assert list(rows) == ["f16", "f16+sk", "hlwq4", "hlwq4+sk"]
+    # Q8_0's block scales absorb the row scales up to their f16 rounding, which SmolLM2's attention notices:
+    # rescaling every q/k row by a uniform 1.37 moves its Q8_0 KLD by 0.0041 (measured); in float it is 1e-6
+    assert rows["f16+sk"].kld_mean < 0.01
+    assert rows["hlwq4"].kld_mean > 3 * rows["f16+sk"].kld_mean
+    assert "Q8_0-smoothK.gguf" in result.weights
+    assert "| hlwq4+sk |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="unknown KV variant 'hlwq9\\+sk'"):
+        kvbench.run_kv_bench("smollm2-135m", tmp_path, variants=("hlwq9+sk",))

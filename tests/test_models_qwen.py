@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from hlwq_gguf import models, paths
+from hlwq_gguf.models import dither, hf_layout, tokenizers
 
 NAME = "qwen2.5-coder-1.5b"
 GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -72,7 +73,7 @@ def test_registry_entry():
 def _cached_gguf() -> Path:
     """The cached GGUF, or skip: fetching it would pip-download 1.1 GB."""
     spec = models.MODELS[NAME]
-    path = models.cache_root() / "models" / spec.name / spec.gguf_filename
+    path = paths.cache_root() / "models" / spec.name / spec.gguf_filename
     if not path.is_file():
         pytest.skip(f"{spec.gguf_filename} not cached at {path} (models.fetch_gguf({NAME!r}) downloads 1.1 GB)")
     if path.stat().st_size != spec.gguf_size or models.sha256_file(path) != spec.gguf_sha256:
@@ -82,13 +83,13 @@ def _cached_gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def qwen_gguf():
-    gguf = models._gguf()
+    gguf = dither.gguf_module()
     reader = gguf.GGUFReader(_cached_gguf())
-    return reader, models._metadata(reader)
+    return reader, hf_layout.gguf_metadata(reader)
 
 
 def _expected_hf_shapes(layers: int, hidden: int, ffn: int, kv: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Qwen2ForCausalLM's state dict (untied lm_head), written out independently of models._ARCH_BLOCK."""
+    """Qwen2ForCausalLM's state dict (untied lm_head), written out independently of hf_layout.ARCH_BLOCK."""
     out = {
         "model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden),
     }
@@ -109,14 +110,14 @@ def _expected_hf_shapes(layers: int, hidden: int, ffn: int, kv: int, vocab: int)
 def test_hf_mapping_of_cached_gguf(qwen_gguf):
     from hlwq_gguf import gguf_types
 
-    gguf = models._gguf()
+    gguf = dither.gguf_module()
     reader, md = qwen_gguf
     assert md["general.architecture"] == "qwen2"
     names = {t.name for t in reader.tensors}
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, int(md["qwen2.block_count"]))
     hf_shapes = {}
     for t in reader.tensors:
-        hf = models._hf_name("qwen2", t.name)
+        hf = hf_layout.hf_name("qwen2", t.name)
         # the same self-check unquantize_to_hf does: gguf-py maps the HF name back to this tensor
         assert name_map.get_name(hf, try_suffixes=(".weight", ".bias")) == t.name
         hf_shapes[hf] = tuple(gguf_types.numpy_shape(t))  # GGUF ne reversed = torch shape
@@ -125,10 +126,10 @@ def test_hf_mapping_of_cached_gguf(qwen_gguf):
 
     # no q/k permutation for qwen2 (unlike llama): every tensor goes back unchanged
     w = np.arange(256 * 8, dtype=np.float32).reshape(256, 8)
-    assert np.array_equal(models._to_hf_tensor("qwen2", "blk.0.attn_k.weight", w, md), w)
-    assert np.array_equal(models._to_hf_tensor("qwen2", "blk.0.attn_q.weight", w, md), w)
+    assert np.array_equal(hf_layout.to_hf_tensor("qwen2", "blk.0.attn_k.weight", w, md), w)
+    assert np.array_equal(hf_layout.to_hf_tensor("qwen2", "blk.0.attn_q.weight", w, md), w)
 
-    cfg = models._hf_config(models.MODELS[NAME], "qwen2", md, names)
+    cfg = hf_layout.hf_config(models.MODELS[NAME], "qwen2", md, names)
     assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["model_type"] == "qwen2"
     expect = {
         "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
@@ -161,7 +162,7 @@ def test_rebuilt_tokenizer_is_recognised_as_qwen2(qwen_gguf, tmp_path):
 
     reader, md = qwen_gguf
     assert md["tokenizer.ggml.pre"] == "qwen2"
-    models._write_tokenizer(tmp_path, md, "qwen2")
+    tokenizers.write_tokenizer(tmp_path, md, "qwen2")
     chktxt, hashes = _converter_hashes_for(tree, "qwen2")
     assert hashes, "no qwen2 pre-tokenizer hash found in the converter source"
     tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)

@@ -19,7 +19,7 @@ from convert import convert_checkpoint
 from hlwq_gguf import plan as planner
 from hlwq_gguf import runtime
 from hlwq_gguf.cli import main as cli_main
-from tiny_seeds import MOE_TEST_FAMILIES
+from hlwq_gguf.testing.tiny_seeds import MOE_TEST_FAMILIES
 
 MOE_FAMILIES = tuple(MOE_TEST_FAMILIES)  # gemma-4-26b-a4b, glm-4.7-flash, qwen3.5-35b-a3b
 MiB = 2**20

@@ -8,7 +8,7 @@ from convert import convert_checkpoint
 from hlwq_gguf import generate, runtime
 from hlwq_gguf.cli import main
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 PROMPT = "The capital of France is"
 

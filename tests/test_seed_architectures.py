@@ -12,7 +12,7 @@ import pytest
 from convert import convert_checkpoint
 from convert.reference import reference_gguf
 from hlwq_gguf import gguf_types, llama_tools, recipes, textdata
-from tiny_seeds import SEED_FAMILIES
+from hlwq_gguf.testing.tiny_seeds import SEED_FAMILIES
 
 # GGUF tensors that must come out HLWQ-coded, per family: the big matrices of every layer kind and the experts
 MUST_BE_HLWQ = {

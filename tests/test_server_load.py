@@ -8,7 +8,7 @@ import pytest
 from convert import convert_checkpoint
 from hlwq_gguf import serverload
 
-from conftest import write_tiny_llama
+from hlwq_gguf.testing.tiny_llama import write_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from convert import ConversionError, convert_checkpoint
 from hlwq_gguf import gguf_types
 
-from tiny_seeds import write_tiny_gemma4_dense
+from hlwq_gguf.testing.tiny_seeds import write_tiny_gemma4_dense
 
 
 @pytest.fixture(scope="module")

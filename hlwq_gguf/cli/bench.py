@@ -33,7 +33,8 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 @click.option("--reference-type", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
               help="Type of the full-precision reference GGUF built from a checkpoint.")
 @click.option("--kv", is_flag=True, help="Compare KV-cache types instead of weight types (ctx default 2048, 4 chunks).")
-@click.option("--kv-types", help=f"KV variants for --kv, comma-separated (default: {','.join(kvbench.KV_VARIANTS)}).")
+@click.option("--kv-types", help=f"KV variants for --kv, comma-separated (default: {','.join(kvbench.KV_VARIANTS)}; "
+              f"add {kvbench.SMOOTHED_SUFFIX} to run one on K-smoothed weights, e.g. hlwq4{kvbench.SMOOTHED_SUFFIX}).")
 def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protocol: str, quants: str | None,
           hlwq: str | None, ctx: int | None, chunks: int | None, rounds: int | None, threads: int | None,
           reference_type: str, kv: bool, kv_types: str | None) -> None:
@@ -41,7 +42,7 @@ def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protoco
     if kv:
         try:
             kvbench.run_kv_bench(source, out_dir, variants=_names(kv_types), ctx=ctx or 2048, chunks=chunks or 4,
-                                 rounds=rounds or 3, threads=threads, log=click.echo)
+                                 rounds=3 if rounds is None else rounds, threads=threads, log=click.echo)
         except (ValueError, benchmark.BenchError, llama_tools.ToolError, build.BuildError, ConversionError) as e:
             raise click.ClickException(str(e)) from None
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from convert import ConversionError, convert_checkpoint
+from convert.equalize import SUPPORTED_ARCHITECTURES
 from hlwq_gguf import recipes, upstream
 
 
@@ -27,7 +28,11 @@ from hlwq_gguf import recipes, upstream
 @click.option("--imatrix", metavar="FILE|auto", default=None,
               help="Activation statistics: a llama-imatrix GGUF, or 'auto' to compute one on the calibration text "
                    "(text the benchmarks never score). Every block's scale and codes minimise the importance-weighted "
-                   "error; on llama/gemma3 the channels are also equalized from it (implies --equalize there).")
+                   f"error; on {', '.join(SUPPORTED_ARCHITECTURES)} the channels are also equalized from it (implies "
+                   "--equalize there).")
+@click.option("--smooth-keys/--no-smooth-keys", default=None,
+              help="Move K's outlier channels into Q (exact in float) so that a 3-4-bit KV cache can hold K. "
+                   "Default: on for qwen2, whose key biases need it.")
 @click.option("--target-bpw", type=float, default=None, metavar="BPW",
               help="Instead of --type: HLWQ bits per tensor for this many bits per quantized-matrix weight, from the "
                    "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")
@@ -36,7 +41,7 @@ from hlwq_gguf import recipes, upstream
                    "checkpoint has vision tower weights.")
 def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None,
             codebook: str | None, keep_unquantized: bool, equalize: bool, imatrix: str | None,
-            mmproj: bool | None, target_bpw: float | None) -> None:
+            smooth_keys: bool | None, mmproj: bool | None, target_bpw: float | None) -> None:
     """Convert SOURCE (a checkpoint folder, Hugging Face hub id or full-precision GGUF) to OUTPUT (.gguf).
 
     A BF16/F16 checkpoint is quantized; a PolarQuant/HLWQ code checkpoint is imported with its codes copied bit for bit.
@@ -45,7 +50,7 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
         report = convert_checkpoint(source, output, recipe=recipe.lower(), quiet=quiet, verbose=verbose,
                                     threads=threads, codebook=codebook, keep_unquantized=keep_unquantized,
                                     equalize=equalize, imatrix=imatrix, mmproj=mmproj,
-                                    target_bpw=target_bpw)
+                                    target_bpw=target_bpw, smooth_keys=smooth_keys)
     except (ConversionError, upstream.UpstreamError) as e:
         raise click.ClickException(str(e)) from None
     if report.import_format:
@@ -59,8 +64,10 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
                            f"({entry['reason'] or 'changed by the model converter'}), added relative RMS error {entry['added_rel_rms']:.2e}")
     types = ", ".join(f"{count} {name}" for name, count in sorted(report.tensor_types.items()))
     click.echo(f"wrote {report.output} ({report.bytes / 1e6:.1f} MB; {types or 'no tensor quantized'})")
+    if report.smoothed_layers:
+        click.echo(f"K smoothing moved K's outlier channels into Q in {report.smoothed_layers} layers (exact in float)")
     if report.equalized_tensors:
-        click.echo(f"channel equalization changed {report.equalized_tensors} tensors (exact in float)")
+        click.echo(f"equalization and smoothing rescaled {report.equalized_tensors} tensors (exact in float)")
     if report.mmproj_error:
         click.echo(f"warning: no vision projector written: {report.mmproj_error}", err=True)
     if report.mmproj:

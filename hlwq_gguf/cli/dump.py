@@ -11,14 +11,14 @@ def dump(argv: list[str]) -> None:
     """Run gguf-dump on `argv` (its own options and the file) after registering the HLWQ types with `gguf`."""
     from gguf.scripts import gguf_dump
 
-    from hlwq_gguf import gguf_types
+    from hlwq_gguf import gguf_files, gguf_types
 
     gguf_types.register()
     for arg in argv:  # the file gguf-dump will read: gated by llama.cpp's parser first (see read_gguf)
         if arg.endswith(".gguf") or (not arg.startswith("-") and Path(arg).is_file()):
             try:
-                gguf_types.read_gguf(arg)
-            except gguf_types.GGUFFileError as e:
+                gguf_files.read_gguf(arg)
+            except gguf_files.GGUFFileError as e:
                 raise click.ClickException(str(e)) from None
     saved_argv = sys.argv
     sys.argv = ["hlwq-gguf dump", *argv]

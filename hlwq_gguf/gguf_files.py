@@ -1,0 +1,33 @@
+"""Reading GGUF files a user hands to hlwq-gguf: ggml's own parser vets each one before gguf-py reads it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import gguf_types
+from .build import ensure_build
+from .ggml_ctypes import GGML
+
+
+class GGUFFileError(ValueError):
+    """A file that is not a GGUF llama.cpp would read; the message is one line naming it."""
+
+
+def read_gguf(path):
+    """gguf-py's GGUFReader (HLWQ types registered) on a file that ggml's own GGUF parser accepted first.
+
+    gguf-py trusts the counts and lengths it reads: a hostile array length makes it loop and allocate for minutes
+    (found by scripts/fuzz_gguf.py). ggml's parser checks each against the file size, so it gates every GGUF a
+    user hands to hlwq-gguf.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFFileError(f"{path}: no such file")
+    refusal = GGML(ensure_build().bin).gguf_parse_error(path)
+    if refusal is not None:
+        raise GGUFFileError(f"{path}: not a valid GGUF file (llama.cpp's GGUF parser refuses it: {refusal})")
+    gguf = gguf_types.register()
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError, struct and index errors of many kinds
+        raise GGUFFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
