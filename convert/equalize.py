@@ -46,9 +46,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "qwen2", "qwen3", "qwen35", "qwen3
 ATTN_NORM_EXTRA_CONSUMERS = {**{arch: ("attn_gate.weight", "ssm_alpha.weight", "ssm_beta.weight")
                                 for arch in ("qwen35", "qwen35moe")},
                              "deepseek2": ("attn_q_a.weight", "attn_kv_a_mqa.weight")}
-# norms inside the attention and what reads them: MLA's query latent. (Its kv latent, attn_kv_a_norm, is what the
-# cache holds and k_b/v_b meet; a scale there would have to ride on k_b's rows and v_b's columns: not done.)
+# norms inside the attention and what reads them: MLA's query latent (its kv latent: _equalize_mla_latent)
 INNER_NORMS = {"deepseek2": (("attn_q_a_norm.weight", ("attn_q_b.weight",)),)}
+MLA_ARCHITECTURES = ("deepseek2",)
 # the routed experts' own input norm, where they have one (Gemma-4: the MLP reads ffn_norm, the experts this)
 EXPERT_INPUT_NORM = {"gemma4": "pre_ffw_norm_2.weight", "qwen35moe": "post_attention_norm.weight",
                      "deepseek2": "ffn_norm.weight"}
@@ -164,8 +164,9 @@ def _equalize_channels(architecture: str, tensors, hparams: dict, imatrix, resul
     n_head, n_head_kv = hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
 
     def importance(name: str, width: int, estimate):
-        if imatrix and name in imatrix and imatrix[name].size == width:
-            return imatrix[name]
+        if imatrix and name in imatrix and imatrix[name].size % width == 0:
+            # a batched product (MLA's per-head k_b, v_b) has one row of statistics per head: their mean
+            return imatrix[name].reshape(-1, width).mean(axis=0)
         return estimate() if callable(estimate) else estimate
 
     def f32(name):
@@ -204,8 +205,8 @@ def _equalize_channels(architecture: str, tensors, hparams: dict, imatrix, resul
             result.column_scales[down] = s
             result.row_divisors[up] = s
 
-        if blk + "attn_kv_a_norm.weight" in tensors:
-            result.left_alone["attn_kv_a_norm"] = "MLA's kv latent is the cache itself, read by k_b and v_b"
+        if architecture in MLA_ARCHITECTURES:
+            _equalize_mla_latent(blk, tensors, importance, result)
         if blk + "ssm_out.weight" in tensors:
             result.left_alone["ssm_out"] = "its input is a gated RMSNorm per head"
         if architecture in V_NORMALISED_ARCHITECTURES and blk + "attn_output.weight" in tensors:
@@ -291,6 +292,25 @@ def _equalize_experts(blk: str, norm: str, routers: tuple[str, ...], tensors, im
         glu_down(down, [gate, up], False)
     if gate_sh in tensors and up_sh in tensors:
         glu_down(down_sh, [gate_sh, up_sh], False)
+
+
+def _equalize_mla_latent(blk: str, tensors, importance, result: Plan) -> None:
+    """MLA's kv latent: the cache holds attn_kv_a_norm's output c, the scores read it through k_b (q_latent = k_b
+    q_nope, so k_b's rows are latent channels) and the values through v_b (its columns). c / s with k_b's rows and
+    v_b's columns times s leaves q_latent . c and v_b c as they were. Only v_b's codes see the scale (k_b's rows are
+    coded each with its own norms), so s balances v_b's column norms against the latent's mean square."""
+    norm, k_b, v_b = (blk + n for n in ("attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight"))
+    if not all(n in tensors for n in (norm, k_b, v_b)):
+        return
+    gain = f32(tensors, norm)
+    w_v = f32(tensors, v_b)  # [head, out, latent]
+    w_k = f32(tensors, k_b)  # [head, latent, q_nope]
+    if w_v.shape[-1] != gain.size or w_k.shape[-2] != gain.size:
+        return
+    s = channel_scales(importance(v_b, gain.size, gain.astype(np.float64) ** 2), _sq_col_norms(w_v))
+    result.row_divisors[norm] = s
+    result.row_divisors[k_b] = 1 / s
+    result.column_scales[v_b] = s
 
 
 def _pair_index(head_dim: int, neox: bool) -> np.ndarray:

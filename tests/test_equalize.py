@@ -216,12 +216,15 @@ REPLICAS = {
                                                "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight",
                                                "blk.0.ffn_gate_inp_shexp.weight", "blk.0.attn_gate.weight"),
                     "blk.0.ssm_out.weight"),
-    # MLA: attn_norm -> q_a, kv_a_mqa; q_a_norm -> q_b; a dense lead layer; then the router, experts and shared
-    # expert behind ffn_norm. The kv latent's norm is left alone (the cache holds it; k_b and v_b read it)
+    # MLA: attn_norm -> q_a, kv_a_mqa; q_a_norm -> q_b; the kv latent's norm -> k_b's rows, v_b's columns; a dense
+    # lead layer; then the router, experts and shared expert behind ffn_norm. exp_probs_b biases the router's
+    # probabilities, which do not change
     "glm-4.7-flash": ("write_tiny_glm4_moe_lite", ("blk.0.attn_kv_a_mqa.weight", "blk.0.attn_q_b.weight",
-                                                   "blk.0.ffn_down.weight", "blk.2.ffn_gate_inp.weight",
-                                                   "blk.1.ffn_down_exps.weight", "blk.1.ffn_down_shexp.weight"),
-                      "blk.1.attn_v_b.weight"),
+                                                   "blk.0.attn_kv_a_norm.weight", "blk.0.attn_k_b.weight",
+                                                   "blk.1.attn_v_b.weight", "blk.0.ffn_down.weight",
+                                                   "blk.2.ffn_gate_inp.weight", "blk.1.ffn_down_exps.weight",
+                                                   "blk.1.ffn_down_shexp.weight"),
+                      "blk.1.exp_probs_b.bias"),
     # the experts read pre_ffw_norm_2 into one fused gate_up tensor; the router reads another normalisation
     "gemma4-moe": ("write_tiny_gemma4_moe", ("blk.0.ffn_gate_up_exps.weight", "blk.0.ffn_down_exps.weight",
                                              "blk.0.pre_ffw_norm_2.weight", "blk.0.ffn_up.weight"),
