@@ -14,7 +14,7 @@ The 1/s goes where the graph already multiplies by a per-channel weight, so no g
 - the rows of attn_v (and its bias) for attn_output, one scale per kv head shared by the q heads of its group;
 - MoE blocks (_equalize_experts): the experts' input norm for all experts' gate/up and a shared expert's (routers
   that read the same input take the scale exactly), each expert's up rows for its down;
-- MLA's q_a_norm for attn_q_b.
+- MLA's q_a_norm for attn_q_b, and its kv latent norm for k_b's rows and v_b's columns (_equalize_mla_latent).
 The per-architecture tables below say which tensors play these parts; what has no multiplier before it is left
 alone and listed in Plan.left_alone.
 
