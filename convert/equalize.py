@@ -145,13 +145,28 @@ def plan(architecture: str, tensors, hparams: dict, imatrix: dict[str, np.ndarra
     Raises ConversionError for an architecture whose graph is not known to allow it; with an imatrix, a matrix it
     has no statistics for keeps the weights-only estimate.
     """
-    n_head, n_head_kv = hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
     result = Plan(source="imatrix" if imatrix else "weights")
     if channels:
         _equalize_channels(architecture, tensors, hparams, imatrix, result)
     if smooth_keys:
-        _smooth_keys(architecture, tensors, n_head, n_head_kv, int(hparams["block_count"]), imatrix, result)
+        _smooth_keys(architecture, tensors, hparams, imatrix, result)
     return result
+
+
+def _head_counts(hparams: dict) -> tuple:
+    return hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
+
+
+def _importance(imatrix, name: str, width: int, estimate):
+    """The imatrix's mean squared input of `name`'s `width` columns, else `estimate` (a value or a callable)."""
+    if imatrix and name in imatrix and imatrix[name].size % width == 0:
+        # a batched product (MLA's per-head k_b, v_b) has one row of statistics per head: their mean
+        return imatrix[name].reshape(-1, width).mean(axis=0)
+    return estimate() if callable(estimate) else estimate
+
+
+def _f32(tensors, name: str) -> np.ndarray:
+    return np.asarray(tensors[name], dtype=np.float32)
 
 
 def _equalize_channels(architecture: str, tensors, hparams: dict, imatrix, result: Plan) -> None:
@@ -161,16 +176,13 @@ def _equalize_channels(architecture: str, tensors, hparams: dict, imatrix, resul
     if not imatrix and architecture not in WEIGHTS_ONLY_ARCHITECTURES:
         raise ConversionError(f"equalization from the weights alone is not reliable for architecture "
                               f"{architecture!r} (measured worse than none on Gemma-3); give --imatrix FILE|auto")
-    n_head, n_head_kv = hparams.get("head_count"), hparams.get("head_count_kv") or hparams.get("head_count")
+    n_head, n_head_kv = _head_counts(hparams)
 
     def importance(name: str, width: int, estimate):
-        if imatrix and name in imatrix and imatrix[name].size % width == 0:
-            # a batched product (MLA's per-head k_b, v_b) has one row of statistics per head: their mean
-            return imatrix[name].reshape(-1, width).mean(axis=0)
-        return estimate() if callable(estimate) else estimate
+        return _importance(imatrix, name, width, estimate)
 
     def f32(name):
-        return np.asarray(tensors[name], dtype=np.float32)
+        return _f32(tensors, name)
 
     for layer in range(int(hparams["block_count"])):
         blk = f"blk.{layer}."
@@ -195,15 +207,8 @@ def _equalize_channels(architecture: str, tensors, hparams: dict, imatrix, resul
 
         gate, up, down = blk + "ffn_gate.weight", blk + "ffn_up.weight", blk + "ffn_down.weight"
         if all(n in tensors for n in (gate, up, down)) and ffn_norm in norm_gains:
-            gain_sq = norm_gains[ffn_norm].astype(np.float64) ** 2
-
-            def down_estimate(gain_sq=gain_sq, gate=gate, up=up):
-                return (f32(gate).astype(np.float64) ** 2 @ gain_sq) * (f32(up).astype(np.float64) ** 2 @ gain_sq)
-
-            w_down = f32(down)
-            s = channel_scales(importance(down, w_down.shape[-1], down_estimate), _sq_col_norms(w_down))
-            result.column_scales[down] = s
-            result.row_divisors[up] = s
+            _equalize_glu_down(tensors, down, [gate, up], norm_gains[ffn_norm].astype(np.float64) ** 2, importance,
+                               result)
 
         if architecture in MLA_ARCHITECTURES:
             _equalize_mla_latent(blk, tensors, importance, result)
@@ -261,37 +266,42 @@ def _equalize_experts(blk: str, norm: str, routers: tuple[str, ...], tensors, im
     coded = experts + [n for n in (gate_sh, up_sh) if n in tensors]
     if norm not in tensors or not experts:
         return
-    gain_sq = f32(tensors, norm).astype(np.float64) ** 2
-    matrices = {c: f32(tensors, c) for c in coded}
-    s = channel_scales(importance(coded[0], matrices[coded[0]].shape[-1], gain_sq), _sq_col_norms(*matrices.values()))
+    gain_sq = _f32(tensors, norm).astype(np.float64) ** 2
+    matrices = [_f32(tensors, c) for c in coded]
+    s = channel_scales(importance(coded[0], matrices[0].shape[-1], gain_sq), _sq_col_norms(*matrices))
     for c in coded + [blk + n for n in routers if blk + n in tensors]:
         result.column_scales[c] = s
     result.row_divisors[norm] = s
 
-    def glu_down(down_name: str, gate_up: list[str], fused_rows: bool) -> None:
-        if down_name not in tensors:
-            return
-        w_down = f32(tensors, down_name)  # [(expert,) n_embd, n_ff]
-        n_ff = w_down.shape[-1]
-
-        def estimate():
-            rows = [matrices[n].astype(np.float64) ** 2 @ gain_sq for n in gate_up]
-            gate_sq, up_sq = (rows[0][..., :n_ff], rows[0][..., n_ff:]) if fused_rows else rows
-            return (gate_sq * up_sq).reshape(-1, n_ff).mean(axis=0)
-
-        s_down = channel_scales(importance(down_name, n_ff, estimate), _sq_col_norms(w_down))
-        result.column_scales[down_name] = s_down
-        if fused_rows:  # rows: gate first, then up (llama.cpp's build_moe_ffn splits them so)
-            result.row_divisors[gate_up[0]] = np.concatenate([np.ones(n_ff, np.float32), s_down])
-        else:
-            result.row_divisors[gate_up[1]] = s_down
-
     if fused in tensors:
-        glu_down(down, [fused], True)
+        _equalize_glu_down(tensors, down, [fused], gain_sq, importance, result)
     elif gate in tensors and up in tensors:
-        glu_down(down, [gate, up], False)
+        _equalize_glu_down(tensors, down, [gate, up], gain_sq, importance, result)
     if gate_sh in tensors and up_sh in tensors:
-        glu_down(down_sh, [gate_sh, up_sh], False)
+        _equalize_glu_down(tensors, down_sh, [gate_sh, up_sh], gain_sq, importance, result)
+
+
+def _equalize_glu_down(tensors, down: str, gate_up: list[str], gain_sq: np.ndarray, importance, result: Plan) -> None:
+    """act(gate x) * (up x) -> down: down's columns take a scale that up's rows give back. `gate_up` is [gate, up],
+    or [gate_up] for experts fused into one tensor (rows: gate first, then up, as llama.cpp's build_moe_ffn splits
+    them); experts (3-D) share one scale. Without statistics for down's input, its mean square is estimated as
+    E[(gate x)^2] E[(up x)^2] for an input with mean squares gain_sq."""
+    if down not in tensors:
+        return
+    w_down = _f32(tensors, down)  # [(expert,) n_embd, n_ff]
+    n_ff = w_down.shape[-1]
+
+    def estimate():
+        rows = [_f32(tensors, n).astype(np.float64) ** 2 @ gain_sq for n in gate_up]
+        gate_sq, up_sq = (rows[0][..., :n_ff], rows[0][..., n_ff:]) if len(gate_up) == 1 else rows
+        return (gate_sq * up_sq).reshape(-1, n_ff).mean(axis=0)
+
+    s = channel_scales(importance(down, n_ff, estimate), _sq_col_norms(w_down))
+    result.column_scales[down] = s
+    if len(gate_up) == 1:
+        result.row_divisors[gate_up[0]] = np.concatenate([np.ones(n_ff, np.float32), s])
+    else:
+        result.row_divisors[gate_up[1]] = s
 
 
 def _equalize_mla_latent(blk: str, tensors, importance, result: Plan) -> None:
@@ -302,9 +312,9 @@ def _equalize_mla_latent(blk: str, tensors, importance, result: Plan) -> None:
     norm, k_b, v_b = (blk + n for n in ("attn_kv_a_norm.weight", "attn_k_b.weight", "attn_v_b.weight"))
     if not all(n in tensors for n in (norm, k_b, v_b)):
         return
-    gain = f32(tensors, norm)
-    w_v = f32(tensors, v_b)  # [head, out, latent]
-    w_k = f32(tensors, k_b)  # [head, latent, q_nope]
+    gain = _f32(tensors, norm)
+    w_v = _f32(tensors, v_b)  # [head, out, latent]
+    w_k = _f32(tensors, k_b)  # [head, latent, q_nope]
     if w_v.shape[-1] != gain.size or w_k.shape[-2] != gain.size:
         return
     s = channel_scales(importance(v_b, gain.size, gain.astype(np.float64) ** 2), _sq_col_norms(w_v))
@@ -319,7 +329,7 @@ def _pair_index(head_dim: int, neox: bool) -> np.ndarray:
     return channels % (head_dim // 2) if neox else channels // 2
 
 
-def _smooth_keys(architecture: str, tensors, n_head, n_head_kv, n_layer: int, imatrix, result: Plan) -> None:
+def _smooth_keys(architecture: str, tensors, hparams: dict, imatrix, result: Plan) -> None:
     """Move K's outlier channels into Q: k rows (and bias) / lambda, q rows (and bias) * lambda, lambda per RoPE pair.
 
     q . k is unchanged, RoPE commutes with a scale shared by a pair, and a low-bit K cache then codes a K whose
@@ -329,27 +339,27 @@ def _smooth_keys(architecture: str, tensors, n_head, n_head_kv, n_layer: int, im
     QServe's SmoothAttention balances K against Q. Q_p, K_p are estimated as bias^2 + sum_j w_j^2 E[x_j^2].
     """
     neox = architecture in ROPE_NEOX_ARCHITECTURES
-    for layer in range(n_layer):
+    n_head, n_head_kv = _head_counts(hparams)
+    for layer in range(int(hparams["block_count"])):
         blk = f"blk.{layer}."
         q, k, norm = blk + "attn_q.weight", blk + "attn_k.weight", blk + "attn_norm.weight"
         # a norm on k (qwen3, gemma3) would undo a row scale: those would scale the norm gains instead
         if q not in tensors or k not in tensors or not isinstance(n_head, int) or not isinstance(n_head_kv, int) \
                 or blk + "attn_k_norm.weight" in tensors or n_head % n_head_kv:
             continue
-        wq, wk = f32(tensors, q).astype(np.float64), f32(tensors, k).astype(np.float64)
+        wq, wk = _f32(tensors, q).astype(np.float64), _f32(tensors, k).astype(np.float64)
         head_dim = wk.shape[0] // n_head_kv
         if wq.shape[0] != n_head * head_dim or head_dim % 2:
             continue
-        if imatrix and k in imatrix and imatrix[k].size == wk.shape[1]:
-            a = imatrix[k].astype(np.float64)
-        elif norm in tensors:
-            a = f32(tensors, norm).astype(np.float64) ** 2
-        else:
+        gain_sq = (lambda: _f32(tensors, norm).astype(np.float64) ** 2) if norm in tensors else None
+        a = _importance(imatrix, k, wk.shape[1], gain_sq)
+        if a is None:
             continue
+        a = np.asarray(a, np.float64)
         k_sq, q_sq = wk ** 2 @ a, wq ** 2 @ a
         for bias, sq in ((blk + "attn_k.bias", k_sq), (blk + "attn_q.bias", q_sq)):
             if bias in tensors:
-                sq += f32(tensors, bias).astype(np.float64) ** 2
+                sq += _f32(tensors, bias).astype(np.float64) ** 2
         pairs = _pair_index(head_dim, neox)
         group = n_head // n_head_kv
         k_pair = np.zeros((n_head_kv, head_dim // 2))
@@ -363,7 +373,3 @@ def _smooth_keys(architecture: str, tensors, n_head, n_head_kv, n_layer: int, im
             if name in tensors:
                 result.row_divisors[name] = divisor.astype(np.float32)
         result.smoothed_layers.append(layer)
-
-
-def f32(tensors, name: str) -> np.ndarray:
-    return np.asarray(tensors[name], dtype=np.float32)

@@ -187,18 +187,28 @@ def test_equalized_qwen_replica_computes_the_same_function(architecture, llama_b
     (folder / "config.json").write_text(json.dumps(config))
     f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
     assert gguf_types.register().GGUFReader(str(f32)).fields["general.architecture"].contents() == architecture
-    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
-                                  ctx=128, chunks=4)
-    out = tmp_path / "equalized.gguf"
-    stats = requantize_gguf(f32, out, recipe=None, imatrix=imatrix, quiet=True, smooth_keys=False)
+    out, stats = _equalize_with_calibration(llama_build, f32, tmp_path, smooth_keys=False)
     # per layer: attn_norm, q, k, v (columns and rows), attn_output, ffn_norm, gate, up (columns and rows), down
     assert stats["equalized"] == 2 * 9 + (2 if architecture == "qwen2" else 0)  # + attn_v.bias
     before, after = _tensors(f32), _tensors(out)
     assert not np.allclose(before["blk.0.attn_q.weight"], after["blk.0.attn_q.weight"])
+    assert _float_kld(llama_build, f32, out, tmp_path) < 1e-5
+
+
+def _equalize_with_calibration(llama_build, f32, tmp_path, **options):
+    """`f32` equalized (kept in float) from an importance matrix of 4 x 128 calibration tokens: (file, stats)."""
+    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
+                                  ctx=128, chunks=4)
+    out = tmp_path / "equalized.gguf"
+    return out, requantize_gguf(f32, out, recipe=None, imatrix=imatrix, quiet=True, **options)
+
+
+def _float_kld(llama_build, reference, model, tmp_path) -> float:
+    """KLD of `model` against `reference` on 4 x 128 measurement tokens."""
     base = tmp_path / "f32.kld"
     text = textdata.measurement_text_file()
-    llama_tools.perplexity(llama_build, f32, text, ctx=128, chunks=4, save_kld_base=base)
-    assert llama_tools.perplexity(llama_build, out, text, ctx=128, chunks=4, kld_base=base).kld_mean < 1e-5
+    llama_tools.perplexity(llama_build, reference, text, ctx=128, chunks=4, save_kld_base=base)
+    return llama_tools.perplexity(llama_build, model, text, ctx=128, chunks=4, kld_base=base).kld_mean
 
 
 # seed replica -> tensors equalization must change, and one it must leave alone
@@ -234,23 +244,18 @@ REPLICAS = {
 
 @pytest.mark.parametrize("family", list(REPLICAS))
 def test_equalized_seed_replica_computes_the_same_function(family, llama_build, smollm2_hf, tmp_path):
-    """The rules for the seed architectures with one (Qwen3.5 hybrid, Gemma-4 dense and MoE): exact in float."""
+    """The rules for the seed architectures (Qwen3.5 dense and MoE, GLM-4.7-Flash, Gemma-4 dense and MoE): exact in
+    float."""
     from convert.reference import reference_gguf
     from hlwq_gguf.testing import tiny_seeds
 
     writer, changed, kept = REPLICAS[family]
     folder = getattr(tiny_seeds, writer)(tmp_path / "hf", smollm2_hf, **({} if "glm" in family else {"text_only": True}))
     f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
-    imatrix = llama_tools.imatrix(llama_build, f32, textdata.calibration_text_file(), tmp_path / "imatrix.gguf",
-                                  ctx=128, chunks=4)
-    out = tmp_path / "equalized.gguf"
-    stats = requantize_gguf(f32, out, recipe=None, imatrix=imatrix, quiet=True)
+    out, stats = _equalize_with_calibration(llama_build, f32, tmp_path)
     before, after = _tensors(f32), _tensors(out)
     for name in changed:
         assert not np.allclose(before[name], after[name]), name
     np.testing.assert_array_equal(before[kept], after[kept])
     assert stats["equalized"] >= 4 * len(changed)
-    base = tmp_path / "f32.kld"
-    text = textdata.measurement_text_file()
-    llama_tools.perplexity(llama_build, f32, text, ctx=128, chunks=4, save_kld_base=base)
-    assert llama_tools.perplexity(llama_build, out, text, ctx=128, chunks=4, kld_base=base).kld_mean < 1e-5
+    assert _float_kld(llama_build, f32, out, tmp_path) < 1e-5
