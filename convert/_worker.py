@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -259,53 +258,6 @@ def _importing(model_class, imported, lazy_tensor_cls):
     return ImportedModel
 
 
-class _CheckpointTensors(Mapping):
-    """GGUF tensor name -> float32 array of a checkpoint tensor, read on access (for equalize.plan)."""
-
-    def __init__(self, model, gguf_to_hf: dict[str, str]):
-        self._model, self._names = model, gguf_to_hf
-
-    def __getitem__(self, name: str):
-        import numpy as np
-        from conversion.base import LazyTorchTensor
-
-        tensor = self._model.model_tensors[self._names[name]]()
-        if isinstance(tensor, LazyTorchTensor):
-            tensor = LazyTorchTensor.to_eager(tensor)
-        return tensor.float().numpy().astype(np.float32, copy=False)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def _key_smoothing(model, gguf):
-    """equalize.plan's K smoothing for the checkpoint's GGUF tensors, where the architecture has it by default.
-
-    Only architectures whose converter keeps q/k rows in checkpoint order (NEOX RoPE); the explicit option takes
-    the full-precision GGUF path, where the rows are already in GGUF order.
-    """
-    from convert import equalize
-
-    architecture = gguf.MODEL_ARCH_NAMES[model.model_arch]
-    if architecture not in equalize.SMOOTH_KEY_ARCHITECTURES or architecture not in equalize.ROPE_NEOX_ARCHITECTURES:
-        return None
-    wanted = {}
-    for hf_name in model.model_tensors:
-        name = model.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name and name.split(".", 2)[-1] in ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias",
-                                               "attn_norm.weight"):
-            wanted[name] = hf_name
-    n_head = model.hparams.get("num_attention_heads")
-    hparams = {"block_count": model.block_count, "head_count": n_head,
-               "head_count_kv": model.hparams.get("num_key_value_heads") or n_head}
-    smoothing = equalize.plan(architecture, _CheckpointTensors(model, wanted), hparams, channels=False,
-                              smooth_keys=True)
-    return smoothing if smoothing.smoothed_layers else None
-
-
 def main() -> None:
     global _ERROR_FILE
     args = json.loads(sys.argv[1])
@@ -381,9 +333,6 @@ def main() -> None:
             return run
 
         original_add_tensor = writer.add_tensor
-        smoothing = _key_smoothing(model, gguf) if args.get("smooth_keys") is None and imported is None else None
-        stats["smoothed_layers"] = len(smoothing.smoothed_layers) if smoothing else 0
-        stats["equalized"] = len(smoothing.row_divisors) if smoothing else 0
 
         def import_type(name, tensor):
             """(type, sources) for a tensor of an imported checkpoint: its codes' own type when every block can come
@@ -408,10 +357,6 @@ def main() -> None:
         def add_tensor(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
             type_name = None
             origin = None
-            if smoothing is not None and name in smoothing.row_divisors:
-                smooth = lambda array, name=name: smoothing.apply(name, array)  # noqa: E731
-                tensor = gguf.LazyNumpyTensor._wrap_fn(smooth, meta_noop=True)(tensor) \
-                    if isinstance(tensor, gguf.LazyNumpyTensor) else smooth(tensor)
             if raw_dtype == gguf.GGMLQuantizationType.F32 and not isinstance(tensor, gguf.LazyChunkedTensor):
                 if imported is not None:
                     type_name, origin = import_type(name, tensor)
@@ -466,8 +411,6 @@ def main() -> None:
         for key, value in gguf_types.codebook_metadata().items():
             (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
         writer.add_string("hlwq.recipe", recipe.name)
-        if smoothing is not None:
-            writer.add_string("hlwq.smooth_keys", smoothing.source)
         if imported is not None:
             # the _A/_B types name their table; these say where the codes came from
             writer.add_string("hlwq.import.format", imported.format)

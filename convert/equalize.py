@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+# RoPE in the GGUF's row order: hlwq_gguf.kvcache.ROPE_NEOX_ARCHITECTURES rotate channel i with i + head_dim/2 (NEOX),
+# the others 2i with 2i+1 (llama's converter permutes q/k rows into that order)
+from hlwq_gguf.kvcache import ROPE_NEOX_ARCHITECTURES
+
 from .source import ConversionError
 
 # llama.cpp architectures whose graphs were read norm by norm (every tensor that reads a norm's output takes its
@@ -61,17 +65,10 @@ V_NORMALISED_ARCHITECTURES = ("gemma4",)
 # the norm feeding the FFN, where it is not ffn_norm (Gemma-3's post_attention_norm is a sandwich norm on the
 # attention output instead)
 FFN_INPUT_NORM = {"qwen35": "post_attention_norm.weight", "qwen35moe": "post_attention_norm.weight"}
-# RoPE in the GGUF's row order: these rotate channel i with i + head_dim/2 (NEOX), the others 2i with 2i+1 (llama's
-# converter permutes q/k rows into that order)
-ROPE_NEOX_ARCHITECTURES = ("qwen2", "qwen3", "gemma3")
 # where the weights-only estimate was measured to help. Gemma-3's norm gains (up to 84) track its activations
 # poorly (log-correlation 0.46 with the imatrix), and equalizing from them made HLWQ5's KLD 4x worse on
 # Gemma-3-270M (0.338 vs 0.082) while the imatrix version lowers it; SmolLM2 (llama): 0.090 vs 0.107
 WEIGHTS_ONLY_ARCHITECTURES = ("llama",)
-# where K smoothing (_smooth_keys) is on by default: Qwen2's key biases put a few huge, nearly constant channels in
-# K that a 3-4-bit cache cannot hold. On Qwen2.5-Coder-1.5B it brings the layers whose K must stay q8_0 from 4 to 2
-# (kvcache.OUTLIER_LIMIT) and lowers the KLD of an hlwq5/hlwq4 cache from 0.0072 to 0.0058
-SMOOTH_KEY_ARCHITECTURES = ("qwen2",)
 # a channel's scale stays within this factor of the geometric mean, so that a dead channel (a_j = 0) or an
 # empty column cannot send a norm gain to 0 or inf
 MAX_SCALE_RATIO = 64.0

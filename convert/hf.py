@@ -73,14 +73,15 @@ def _convert_gguf(source: Path, output: Path, recipe: str, equalize: bool, imatr
                                           Path(work_dir or scratch) / "imatrix.gguf", chunks=IMATRIX_CHUNKS,
                                           threads=threads)
         imatrix = Path(imatrix) if imatrix else None
-        bits_for = None
         if target_bpw is not None:
             from .allocate import allocate
 
-            recipe, bits_for, _ = allocate(source, target_bpw, imatrix=imatrix, equalize=equalize, threads=threads,
-                                           log=(lambda *_: None) if quiet else print)
-        stats = requantize_gguf(source, output, recipe, imatrix=imatrix, equalize=equalize, threads=threads,
-                                quiet=quiet, bits_for=bits_for, smooth_keys=smooth_keys)
+            recipe, _, _, stats = allocate(source, target_bpw, imatrix=imatrix, equalize=equalize, threads=threads,
+                                           log=(lambda *_: None) if quiet else print, output=output,
+                                           smooth_keys=smooth_keys)
+        else:
+            stats = requantize_gguf(source, output, recipe, imatrix=imatrix, equalize=equalize, threads=threads,
+                                    quiet=quiet, smooth_keys=smooth_keys)
     return ConversionReport(output=output, recipe=recipe, bytes=output.stat().st_size,
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=time.time() - started, tensor_types=stats["types"],
@@ -139,8 +140,8 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     weights; `imatrix` (a llama-imatrix GGUF, or "auto" to compute one on the calibration text) estimates them from
     activations instead and implies `equalize`. `target_bpw` replaces `recipe` by measured bits per tensor for
     that many bits per quantized-matrix weight (convert/allocate.py). These take the full-precision GGUF path
-    (convert/requantize.py), which a full-precision GGUF `source` always takes. `smooth_keys` (default: on for the
-    architectures of equalize.SMOOTH_KEY_ARCHITECTURES) moves K's outlier channels into Q on either path.
+    (convert/requantize.py), which a full-precision GGUF `source` always takes. `smooth_keys` (off by default; takes the
+    full-precision GGUF path) moves K's outlier channels into Q (equalize._smooth_keys).
     """
     if recipe not in recipes.RECIPES:
         raise ConversionError(f"unknown recipe {recipe!r}; choose one of {', '.join(recipes.RECIPES)}")
@@ -187,8 +188,7 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
     args = {"llama_cpp_tree": str(tree), "model_dir": str(model_dir), "out_tmp": str(out_tmp), "recipe": recipe,
             "output": str(output), "stats_out": str(stats_file), "error_out": str(error_file), "hub_id": hub_id, "quiet": quiet,
             "verbose": verbose, "lib_dir": str(lib_dir), "threads": threads, "import_format": import_format,
-            "codebook": codebook, "keep_unquantized": keep_unquantized,
-            "smooth_keys": smooth_keys if import_format is None else False}
+            "codebook": codebook, "keep_unquantized": keep_unquantized}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(args)], env=env,
@@ -219,5 +219,4 @@ def _convert(source: str | Path, output: str | Path, recipe: str, quiet: bool, v
                             weights_quantized=stats["weights"], quantize_seconds=stats["seconds"],
                             wall_seconds=stats["wall_seconds"], tensor_types=stats["types"],
                             peak_anon_bytes=stats["peak_anon_bytes"], import_format=import_format,
-                            imported_tensors=stats.get("import", []), smoothed_layers=stats.get("smoothed_layers", 0),
-                            equalized_tensors=stats.get("equalized", 0))
+                            imported_tensors=stats.get("import", []))

@@ -46,8 +46,8 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     With `equalize` (implied by `imatrix` where the architecture has an equalization rule) the per-channel scales
     of convert/equalize.py are applied first, from the importance matrix when given, else from the weights alone.
     With `imatrix` every matrix it covers is also coded by the importance-weighted error (ggml's quantizer with
-    quant_weights, as llama-quantize --imatrix), equalized or not. `smooth_keys` (default: where
-    equalize.SMOOTH_KEY_ARCHITECTURES has the architecture) moves K's outlier channels into Q, for low-bit KV caches.
+    quant_weights, as llama-quantize --imatrix), equalized or not. `smooth_keys` moves K's outlier channels into
+    Q (off by default: llama.cpp's K centering, patch 0009, does better without it).
     Returns {"types": {type: count}, "weights": n, "seconds": s, "equalized": n_tensors, "weighted": n_tensors,
     "smoothed_layers": n}.
     """
@@ -76,8 +76,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
 
     scales = None
     importance = equalizer.load_imatrix(imatrix) if imatrix is not None else {}
-    if smooth_keys is None:
-        smooth_keys = architecture in equalizer.SMOOTH_KEY_ARCHITECTURES
+    smooth_keys = bool(smooth_keys)
     channels = equalize or (imatrix is not None and architecture in equalizer.SUPPORTED_ARCHITECTURES)
     if channels or smooth_keys:
         scales = equalizer.plan(architecture, tensors, _hparams(reader, architecture), importance or None,

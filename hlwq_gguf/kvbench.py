@@ -6,7 +6,8 @@ does, and forced everywhere ("!"); and the pairs of an 8-bit or 5-bit K with a 4
 KL-divergence against the f16-cache run of the same weights. llama-bench measures pp/tg with flash attention at a
 cache depth of `depth` tokens. The HLWQ types rotate each 64-value block themselves and opt out of llama.cpp's
 graph rotation; `hlwq3+rot` / `hlwq4+rot` keep the graph rotation on top (LLAMA_ATTN_ROT_HLWQ=1), which is how the
-choice was measured. Also: bits per value and KV bytes per token of each type, and the longest context a 4 GiB
+choice was measured. In the layers with a key bias the patched llama.cpp stores every quantized K centered
+(hlwq_gguf.kvcache); `+raw` variants store it as upstream does. Also: bits per value and KV bytes per token of each type, and the longest context a 4 GiB
 cache holds for the seed models' attention shapes (from their config.json).
 """
 from __future__ import annotations
@@ -33,6 +34,10 @@ KV_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 # a variant name ending in this runs on K-smoothed weights (convert/equalize.py's _smooth_keys)
 SMOOTHED_SUFFIX = "+sk"
+# ... and in this (before any +sk), with K stored as is: the patched llama.cpp centers a quantized K in the layers
+# with a key bias (hlwq_gguf.kvcache), LLAMA_KV_K_CENTER=0 is upstream's behaviour
+RAW_K_SUFFIX = "+raw"
+_RAW_K = {"LLAMA_KV_K_CENTER": "0"}
 SEED_CONFIGS = {"Qwen3.5-27B": "Qwen__Qwen3.5-27B.json", "Gemma-4-31B": "google__gemma-4-31B-it.json"}
 CACHE_BUDGET = 4 * 2**30
 
@@ -135,13 +140,22 @@ def _smoothed_weights(build, reference: Path, workdir: Path, log) -> Path:
 
 
 def variant(name: str) -> tuple[str, str, dict[str, str], bool]:
-    """(K type, V type, environment, on K-smoothed weights) of a KV variant name; SMOOTHED_SUFFIX marks the last."""
+    """(K type, V type, environment, on K-smoothed weights) of a KV variant name: a KV_VARIANTS name or a K/V pair
+    of cache types, then optionally RAW_K_SUFFIX (K not centered), then optionally SMOOTHED_SUFFIX."""
     smoothed = name.endswith(SMOOTHED_SUFFIX)
     base = name[:-len(SMOOTHED_SUFFIX)] if smoothed else name
-    if base not in KV_VARIANTS:
-        raise ValueError(f"unknown KV variant {name!r}; known: {', '.join(KV_VARIANTS)} "
-                         f"(each also with {SMOOTHED_SUFFIX} for K-smoothed weights)")
-    return (*KV_VARIANTS[base], smoothed)
+    raw = base.endswith(RAW_K_SUFFIX)
+    base = base[:-len(RAW_K_SUFFIX)] if raw else base
+    halves = base.split("/")
+    if base in KV_VARIANTS:
+        type_k, type_v, env = KV_VARIANTS[base]
+    elif len(halves) == 2 and all(half in plan.KV_TYPES for half in halves):
+        (type_k, type_v), env = (plan.KV_TYPE_ALIASES.get(half, half) for half in halves), {}
+    else:
+        raise ValueError(f"unknown KV variant {name!r}; known: {', '.join(KV_VARIANTS)}, any K/V pair of "
+                         f"{', '.join(plan.KV_TYPES)} (each also with {RAW_K_SUFFIX} for K stored uncentered and "
+                         f"{SMOOTHED_SUFFIX} for K-smoothed weights)")
+    return type_k, type_v, {**env, **(_RAW_K if raw else {})}, smoothed
 
 
 def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, variants: tuple[str, ...] | None = None,
@@ -161,12 +175,13 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     text = textdata.measurement_text_file()
     threads = threads or llama_tools.default_threads()
     layout = plan.read_layout(plain)
-    kept_in = {w: kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT) for w in set(weights_of.values())}
+    kept_in = {(w, raw): kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT, n_ctx=None if raw else ctx)
+               for w in set(weights_of.values()) for raw in (False, True)}
     values_per_token = sum(a.k_width + a.v_width for a in layout.attention)
     results = {}
     for name in names:
         type_k, type_v, env, _ = variant(name)
-        kept = kept_in[weights_of[name]]
+        kept = kept_in[weights_of[name], env.get("LLAMA_KV_K_CENTER") == "0"]
         safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
         per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
         results[name] = KVResult(name, type_k, type_v, per_token * 8 / values_per_token, safe, per_token)

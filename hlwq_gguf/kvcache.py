@@ -9,6 +9,12 @@ ggml_patch's KV cache patch); this module computes the same rule for hlwq-gguf's
 The rule: in each 64-channel block of a layer's K, the bias energy of its largest channel against the energy the
 weights give the block, sum_c |w_c * gamma|^2 over its channels for RMS-normalised inputs (gamma: the attention
 norm's gain). On Qwen2.5-Coder-1.5B the four layers that wreck it score 29-2215 and the other 24 score under 4.
+
+K centering: subtracting one constant vector c from every cached key shifts every score of a query by the same
+q . c, so attention does not change; llama.cpp (the K-centering patch) stores k - c in a quantized K cache, with c
+the mean over the cache's positions of the key bias after RoPE (`center`). A bias of a few hundred on the
+lowest-frequency RoPE pairs barely turns over the context and is almost all removed; the rule then weighs what is
+left of the bias (`centered_bias_energy`).
 """
 from __future__ import annotations
 
@@ -19,27 +25,93 @@ import numpy as np
 
 # the llama.cpp default (LLAMA_KV_HLWQ_K_OUTLIER overrides it there, 0 switches the rule off)
 OUTLIER_LIMIT = 8.0
+# architectures whose RoPE turns channel i with channel i + n_rot/2 (llama.cpp's LLAMA_ROPE_TYPE_NEOX) rather than
+# with channel i + 1; the subset hlwq-gguf converts
+ROPE_NEOX_ARCHITECTURES = ("qwen2", "qwen3", "gemma3")
+# the context llama.cpp's cache is centered for when nothing says otherwise (the K-centering patch uses its size)
+DEFAULT_CONTEXT = 4096
 # the K type of the layers the rule keeps off a low-bit code
 SAFE_K_TYPE = "q8_0"
 BLOCK = 64
 
 
-def outlier_ratio(k_weight: np.ndarray, k_bias: np.ndarray, norm_gain: np.ndarray) -> float:
-    """The rule for one layer: k_weight [n_out, n_in] (HF layout), k_bias [n_out], norm_gain [n_in]."""
+def _mean_turn(phi: np.ndarray, n_pos: int) -> np.ndarray:
+    """mean over p < n_pos of exp(i p phi), elementwise."""
+    step = np.exp(1j * phi)
+    flat = np.abs(1 - step) < 1e-12
+    return np.where(flat, 1.0 + 0j, (1 - np.exp(1j * phi * n_pos)) / np.where(flat, 1.0, (1 - step) * n_pos))
+
+
+def center(k_bias: np.ndarray, head_dim: int, n_rot: int, freq_base: float, n_pos: int, neox: bool,
+           freq_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(c, what the cache still sees of each channel's bias) for one layer's key bias [n_heads_kv * head_dim].
+
+    c = mean_{p < n_pos} R(p theta) b per RoPE pair (theta = freq_scale * freq_base^(-2i/n_rot)); channels RoPE does
+    not turn keep c = b and see nothing of it. The second array is mean_p |(R(p theta) b - c)_i|^2.
+    """
+    bias = k_bias.astype(np.float64).reshape(-1, head_dim)
+    c = bias.copy()
+    energy = np.zeros_like(bias)
+    half = n_rot // 2
+    i = np.arange(half)
+    first, second = (i, i + half) if neox else (2 * i, 2 * i + 1)
+    theta = freq_scale * freq_base ** (-2.0 * i / n_rot)
+    turn, turn2 = _mean_turn(theta, n_pos), _mean_turn(2 * theta, n_pos)
+    b0, b1 = bias[:, first], bias[:, second]
+    c0 = b0 * turn.real - b1 * turn.imag
+    c1 = b0 * turn.imag + b1 * turn.real
+    cos2, sin2, sincos = 0.5 + 0.5 * turn2.real, 0.5 - 0.5 * turn2.real, 0.5 * turn2.imag
+    c[:, first], c[:, second] = c0, c1
+    energy[:, first] = np.maximum(0.0, b0 * b0 * cos2 + b1 * b1 * sin2 - 2 * b0 * b1 * sincos - c0 * c0)
+    energy[:, second] = np.maximum(0.0, b0 * b0 * sin2 + b1 * b1 * cos2 + 2 * b0 * b1 * sincos - c1 * c1)
+    return c.reshape(-1), energy.reshape(-1)
+
+
+def outlier_ratio(k_weight: np.ndarray, k_bias: np.ndarray, norm_gain: np.ndarray,
+                  bias_energy: np.ndarray | None = None) -> float:
+    """The rule for one layer: k_weight [n_out, n_in] (HF layout), k_bias [n_out], norm_gain [n_in]; bias_energy
+    [n_out] is what the cache sees of the bias per channel (default: all of it, bias^2)."""
     energy = ((k_weight.astype(np.float64) * norm_gain.astype(np.float64)[None, :]) ** 2).sum(axis=1)
-    bias = k_bias.astype(np.float64) ** 2
+    bias = k_bias.astype(np.float64) ** 2 if bias_energy is None else bias_energy
     ratios = [bias[c:c + BLOCK].max() / energy[c:c + BLOCK].sum() if energy[c:c + BLOCK].sum() > 0 else 0.0
               for c in range(0, len(bias) - len(bias) % BLOCK, BLOCK)]
     return float(max(ratios, default=0.0))
 
 
-def layer_ratios(path: str | Path) -> dict[int, float]:
-    """outlier_ratio of every layer of a GGUF that has a separate K weight, K bias and attention norm."""
+def _rope(reader) -> dict:
+    """The GGUF's attention shape and RoPE parameters, as llama.cpp reads them."""
+    def field(key, default=None):
+        value = reader.fields.get(key)
+        if value is None:
+            return default
+        part = value.parts[value.data[0]]
+        return part.tobytes().decode() if value.types[0].name == "STRING" else part[0].item()
+
+    arch = field("general.architecture")
+    n_embd, n_head = field(f"{arch}.embedding_length"), field(f"{arch}.attention.head_count")
+    head_dim = field(f"{arch}.attention.key_length") or (n_embd // n_head if n_embd and n_head else None)
+    scaling = field(f"{arch}.rope.scaling.type", "none")
+    factor = field(f"{arch}.rope.scaling.factor", 0.0) or 0.0
+    return {"head_dim": head_dim, "n_rot": field(f"{arch}.rope.dimension_count", head_dim),
+            "freq_base": field(f"{arch}.rope.freq_base", 10000.0), "neox": arch in ROPE_NEOX_ARCHITECTURES,
+            "freq_scale": 1.0 / factor if scaling == "linear" and factor else 1.0}
+
+
+def _open(path: str | Path):
+    from . import gguf_types
+
+    return gguf_types.register().GGUFReader(str(path))
+
+
+def layer_ratios(path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[int, float]:
+    """outlier_ratio of every layer of a GGUF (a path or an open GGUFReader) that has a separate K weight, K bias and
+    attention norm, for a cache centered for n_ctx positions (None: not centered, LLAMA_KV_K_CENTER=0)."""
     from . import gguf_types
 
     gguf = gguf_types.register()
-    reader = gguf.GGUFReader(str(path))
+    reader = path if isinstance(path, gguf.GGUFReader) else _open(path)
     tensors = {t.name: t for t in reader.tensors}
+    rope = _rope(reader)
 
     def values(name: str) -> np.ndarray:
         tensor = tensors[name]
@@ -54,40 +126,43 @@ def layer_ratios(path: str | Path) -> dict[int, float]:
             weight, bias, gain = (values(name) for name in names)
             if weight.ndim == 2 and bias.shape == (weight.shape[0],) and gain.shape == (weight.shape[1],) \
                     and weight.shape[0] % BLOCK == 0:
-                ratios[layer] = outlier_ratio(weight, bias, gain)
+                seen = None
+                if n_ctx is not None and rope["head_dim"] and bias.size % rope["head_dim"] == 0:
+                    seen = center(bias, rope["head_dim"], rope["n_rot"], rope["freq_base"], n_ctx, rope["neox"],
+                                  rope["freq_scale"])[1]
+                ratios[layer] = outlier_ratio(weight, bias, gain, seen)
         layer += 1
     return ratios
 
 
-def safe_k_layers(path: str | Path, limit: float | None = None) -> list[int]:
-    """The layers whose K llama.cpp keeps at SAFE_K_TYPE when an HLWQ K type is asked for."""
+def centering(n_ctx: int | None = DEFAULT_CONTEXT) -> int | None:
+    """The positions llama.cpp centers a quantized K cache for, None where LLAMA_KV_K_CENTER=0 turns it off."""
+    return None if os.environ.get("LLAMA_KV_K_CENTER", "1").strip() == "0" else n_ctx
+
+
+def safe_k_layers(path, limit: float | None = None, n_ctx: int | None = DEFAULT_CONTEXT) -> list[int]:
+    """The layers whose K llama.cpp keeps at SAFE_K_TYPE when an HLWQ K type is asked for, with a cache of n_ctx
+    (path: a GGUF path or an open GGUFReader)."""
     if limit is None:
         limit = float(os.environ.get("LLAMA_KV_HLWQ_K_OUTLIER", OUTLIER_LIMIT))
     if limit <= 0:
         return []
-    return sorted(layer for layer, ratio in layer_ratios(path).items() if ratio > limit)
+    return sorted(layer for layer, ratio in layer_ratios(path, centering(n_ctx)).items() if ratio > limit)
 
 
 def is_hlwq(kv_type: str) -> bool:
     return kv_type.lower().startswith("hlwq")
 
 
-def k_type_note(path: str | Path, kv_type: str) -> str | None:
-    """The one line to say when an HLWQ K type was asked for and some layers keep K at q8_0; None otherwise."""
+def k_type_note(path: str | Path, kv_type: str, n_ctx: int | None = DEFAULT_CONTEXT) -> str | None:
+    """The one line to say when an HLWQ K type was asked for and some layers keep K at q8_0 with a cache of n_ctx;
+    None otherwise."""
     if not is_hlwq(kv_type):
         return None
-    layers = safe_k_layers(path)
+    layers = safe_k_layers(path, n_ctx=n_ctx)
     if not layers:
         return None
     which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-    hint = "" if is_smoothed(path) else "; hlwq-gguf convert's K smoothing leaves fewer such layers"
+    why = "" if centering(n_ctx) is None else f"RoPE turns too fast to center over {n_ctx} positions and "
     return (f"K stays {SAFE_K_TYPE} instead of {kv_type} in {which} of {Path(path).name}: its key bias has outlier "
-            f"channels that a low-bit code destroys (--kv-k {kv_type} forces it{hint})")
-
-
-def is_smoothed(path: str | Path) -> bool:
-    """Whether the GGUF's K outlier channels were moved into Q when it was converted (convert/equalize.py)."""
-    from . import gguf_types
-
-    gguf = gguf_types.register()
-    return "hlwq.smooth_keys" in gguf.GGUFReader(str(path)).fields
+            f"channels that {why}a low-bit code destroys (--kv-k {kv_type} forces it)")

@@ -486,5 +486,5 @@ def plan_file(path: str | Path, vram: int | str, n_ctx: int, type_k: str = "f16"
     if "safe_k_layers" not in kwargs and type_k.lower().startswith("hlwq"):
         from . import kvcache
 
-        kwargs["safe_k_layers"] = tuple(kvcache.safe_k_layers(path))
+        kwargs["safe_k_layers"] = tuple(kvcache.safe_k_layers(path, n_ctx=n_ctx))
     return make_plan(layout, vram, n_ctx, type_k, type_v, **kwargs)

@@ -202,7 +202,7 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     if kv_type_k is not None and kvcache.is_hlwq(kv_type_k):
         os.environ["LLAMA_KV_HLWQ_K_OUTLIER"] = "0"
     elif type_k is not None:
-        kv_note = kvcache.k_type_note(path, type_k)
+        kv_note = kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT)
     for key, name in (("type_k", type_k), ("type_v", type_v)):
         if name is not None:
             kwargs.setdefault(key, ggml_type_id(name))

@@ -30,9 +30,9 @@ from hlwq_gguf import recipes, upstream
                    "(text the benchmarks never score). Every block's scale and codes minimise the importance-weighted "
                    f"error; on {', '.join(SUPPORTED_ARCHITECTURES)} the channels are also equalized from it (implies "
                    "--equalize there).")
-@click.option("--smooth-keys/--no-smooth-keys", default=None,
-              help="Move K's outlier channels into Q (exact in float) so that a 3-4-bit KV cache can hold K. "
-                   "Default: on for qwen2, whose key biases need it.")
+@click.option("--smooth-keys", is_flag=True, default=None,
+              help="Move K's outlier channels into Q (exact in float). Off by default: the patched llama.cpp "
+                   "centers a quantized K instead, which holds Qwen2's key biases better (docs/BENCHMARKS.md).")
 @click.option("--target-bpw", type=float, default=None, metavar="BPW",
               help="Instead of --type: HLWQ bits per tensor for this many bits per quantized-matrix weight, from the "
                    "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")

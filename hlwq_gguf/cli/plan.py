@@ -28,7 +28,7 @@ def plan(model: str, vram: str, n_ctx: int, kv_type: str, kv_type_k: str | None,
         result = planner.plan_file(model, vram, n_ctx, kv_type_k or kv_type, kv_type_v or kv_type,
                                    reserve=planner.parse_size(reserve),
                                    **({"safe_k_layers": ()} if kv_type_k else {}))
-        note = None if kv_type_k else kvcache.k_type_note(model, kv_type)
+        note = None if kv_type_k else kvcache.k_type_note(model, kv_type, n_ctx=n_ctx)
     except planner.PlanError as e:
         raise click.ClickException(str(e)) from None
     if note:
