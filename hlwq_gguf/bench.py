@@ -162,7 +162,14 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
         if any(v.name == name for v in made):
             continue  # with an importance matrix, "+eq" and the plain recipe are the same variant
         progress(f"convert {name}")
-        if imatrix is not None or equalize:
+        if recipe.startswith(TARGET_PREFIX):
+            from convert.allocate import allocate
+
+            # the codings at b and b + 1 and the measured gains stay in the bench folder for the next target
+            allocate(reference, float(recipe[len(TARGET_PREFIX):]), imatrix=imatrix, equalize=equalize,
+                     threads=threads, log=lambda *_: None, output=out, parts_dir=workdir)
+            fallbacks = None
+        elif imatrix is not None or equalize:
             # equalization and the importance-weighted fit work on the full-precision GGUF; the same weights the
             # checkpoint path reads
             convert_checkpoint(reference, out, recipe=recipe, quiet=True, threads=threads, equalize=equalize,
@@ -177,12 +184,22 @@ def _make_variants(build, reference: Path, checkpoint: Path | None, workdir: Pat
     return made
 
 
+# a variant "hlwq@5.0" is `hlwq-gguf convert --target-bpw 5.0` (convert/allocate.py)
+TARGET_PREFIX = "hlwq@"
+
+
 def parse_hlwq_variant(variant: str) -> tuple[str, bool]:
-    """'hlwq5' -> ('hlwq5', False); 'hlwq5+eq' -> ('hlwq5', True): the recipe with weights-only equalization."""
+    """'hlwq5' -> ('hlwq5', False); 'hlwq5+eq' -> ('hlwq5', True): the recipe with weights-only equalization;
+    'hlwq@5.0' -> ('hlwq@5.0', False): the mix that --target-bpw 5.0 allocates."""
     recipe, plus, flag = variant.lower().partition("+")
-    if recipe not in recipes.RECIPES or (plus and flag != "eq"):
-        raise BenchError(f"unknown HLWQ variant {variant!r}; give a recipe ({', '.join(recipes.RECIPES)}), "
-                         "optionally with +eq")
+    if recipe.startswith(TARGET_PREFIX):
+        try:
+            float(recipe[len(TARGET_PREFIX):])
+        except ValueError:
+            recipe = ""
+    if (recipe not in recipes.RECIPES and not recipe.startswith(TARGET_PREFIX)) or (plus and flag != "eq"):
+        raise BenchError(f"unknown HLWQ variant {variant!r}; give a recipe ({', '.join(recipes.RECIPES)}) or "
+                         f"{TARGET_PREFIX}BPW for a --target-bpw mix, optionally with +eq")
     return recipe, bool(plus)
 
 

@@ -47,3 +47,40 @@ def test_target_bpw_is_met_with_a_mix(tmp_path, smollm2_hf):
     types = {t.name: t.tensor_type.name for t in gguf_types.register().GGUFReader(str(report.output)).tensors}
     assert types.pop("token_embd.weight") == "HLWQ4"
     assert {t for n, t in types.items() if n.endswith(".weight") and "norm" not in n} == {"HLWQ5"}
+
+
+def test_composed_mix_is_the_directly_coded_mix(tmp_path, smollm2_hf):
+    """A mix composed from the codings at b and b + 1 has the bytes of the same mix coded in one pass, and the
+    target-bpw result reuses both codings and the gains from parts_dir."""
+    from convert.reference import reference_gguf
+    from convert.requantize import requantize_gguf
+
+    folder = write_tiny_llama(tmp_path / "tiny", smollm2_hf, hidden=256, intermediate=512, layers=2)
+    f32 = reference_gguf(folder, tmp_path / "f32.gguf", "f32")
+    narrow, wide = tmp_path / "narrow.gguf", tmp_path / "wide.gguf"
+    requantize_gguf(f32, narrow, "hlwq4", quiet=True)
+    requantize_gguf(f32, wide, "hlwq5", quiet=True)
+    upgrade = {"blk.0.ffn_down.weight", "blk.1.attn_v.weight"}
+    direct = tmp_path / "direct.gguf"
+    requantize_gguf(f32, direct, "hlwq4", quiet=True, bits_for={n: 5 for n in upgrade})
+    types = allocator.compose(narrow, wide, upgrade, tmp_path / "composed.gguf")
+    assert types == {"hlwq4": 13, "hlwq5": 2}  # 7 matrices per layer and the tied embedding
+    gguf = gguf_types.register()
+    a, b = (gguf.GGUFReader(str(p)) for p in (direct, tmp_path / "composed.gguf"))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.tensor_type == y.tensor_type, x.name
+        assert bytes(x.data) == bytes(y.data), x.name
+    assert {f.name: f.contents() for f in a.fields.values()} == {f.name: f.contents() for f in b.fields.values()}
+    with pytest.raises(ConversionError, match="no tensor nothing.weight"):
+        allocator.compose(narrow, wide, {"nothing.weight"}, tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
+
+    parts = tmp_path / "parts"
+    first = allocator.allocate(f32, 4.7, imatrix=None, equalize=False, threads=None, log=lambda *_: None,
+                               output=tmp_path / "t1.gguf", parts_dir=parts)
+    kept = sorted(p.name for p in parts.iterdir())
+    assert len(kept) == 4 and first[3]["types"]  # both codings, the gains, the stats
+    second = allocator.allocate(f32, 4.6, imatrix=None, equalize=False, threads=None, log=print,
+                                output=tmp_path / "t2.gguf", parts_dir=parts)
+    assert sorted(p.name for p in parts.iterdir()) == kept and second[2] == first[2]
