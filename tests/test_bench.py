@@ -96,7 +96,8 @@ def test_llama_quantize_uses_the_imatrix_for_hlwq(quick_bench, llama_build, tmp_
 def test_hlwq_variant_names():
     assert bench.parse_hlwq_variant("hlwq5") == ("hlwq5", False)
     assert bench.parse_hlwq_variant("HLWQ4_M+eq") == ("hlwq4_m", True)
-    for bad in ("hlwq7", "hlwq5+fast", "q5_k_m"):
+    assert bench.parse_hlwq_variant("hlwq@4.55") == ("hlwq@4.55", False)  # a --target-bpw mix
+    for bad in ("hlwq7", "hlwq5+fast", "q5_k_m", "hlwq@", "hlwq@five"):
         with pytest.raises(bench.BenchError, match="unknown HLWQ variant"):
             bench.parse_hlwq_variant(bad)
 
