@@ -96,7 +96,7 @@ def compose(narrow: Path, wide: Path, upgraded: set[str], output: Path) -> dict[
 
     from hlwq_gguf import gguf_files, gguf_types
 
-    from .source import publish, staging_prefix
+    from .requantize import FULL_PRECISION_TYPES, add_tensor_info, copy_field, staged_output
 
     gguf_types.register(gguf)
     base, other = gguf_files.read_gguf(narrow), gguf_files.read_gguf(wide)
@@ -106,37 +106,21 @@ def compose(narrow: Path, wide: Path, upgraded: set[str], output: Path) -> dict[
         raise ConversionError(f"{wide}: no tensor {sorted(missing)[0]} to take")
     chosen = [wide_tensors[t.name] if t.name in upgraded else t for t in base.tensors]
     types: dict[str, int] = {}
-    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
-    tmp = Path(tmp_name)
-    try:
-        with open(fd, "wb", closefd=True):
-            pass
+    with staged_output(output) as tmp:
         writer = gguf.GGUFWriter(tmp, base.fields["general.architecture"].contents())
         for field in base.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-                continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+            copy_field(writer, field)
         for t in chosen:
-            shape = gguf_types.numpy_shape(t)
-            if t.tensor_type.name in ("F32", "F16", "BF16"):
-                writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-                continue
-            block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            packed_shape = (*shape[:-1], shape[-1] // block * type_size)
-            writer.add_tensor_info(t.name, packed_shape, np.dtype(np.uint8), int(t.n_bytes), raw_dtype=t.tensor_type)
-            name = t.tensor_type.name.lower()
-            types[name] = types.get(name, 0) + 1
+            add_tensor_info(writer, t.name, gguf_types.numpy_shape(t), t.tensor_type)
+            if t.tensor_type.name not in FULL_PRECISION_TYPES:
+                name = t.tensor_type.name.lower()
+                types[name] = types.get(name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in chosen:
             writer.write_tensor_data(np.ascontiguousarray(t.data))
         writer.close()
-        publish(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return types
 
 

@@ -11,7 +11,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from hlwq_gguf import codec, gguf_files, gguf_types, recipes
 from . import equalize as equalizer
 from .source import ConversionError, is_short_write, publish, short_write_message, staging_prefix
 
-_FULL_PRECISION = ("F32", "F16", "BF16")
+FULL_PRECISION_TYPES = ("F32", "F16", "BF16")
 
 
 def _hparams(reader, architecture: str) -> dict:
@@ -66,7 +67,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         reader = gguf_files.read_gguf(source)
     except gguf_files.GGUFFileError as e:
         raise ConversionError(str(e)) from None
-    quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(_FULL_PRECISION))
+    quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(FULL_PRECISION_TYPES))
     if quantized:
         raise ConversionError(f"{source}: not a full-precision GGUF (has {', '.join(quantized)} tensors); "
                               "HLWQ codes full-precision weights only")
@@ -90,24 +91,18 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
 
     ggml = GGML(builder.ensure_build().bin)
     threads = threads or os.cpu_count() or 1
-    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     stats = {"types": {}, "weights": 0, "seconds": 0.0, "weighted": 0,
              "equalized": 0 if scales is None else len(scales.column_scales.keys() | scales.row_divisors.keys()),
              "smoothed_layers": 0 if scales is None else len(scales.smoothed_layers)}
-    try:
+    with staged_output(output) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
         for field in reader.fields.values():
-            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or \
-                    field.name.startswith("hlwq."):
+            if field.name.startswith("hlwq."):
                 continue
             if field.name == gguf.Keys.General.FILE_TYPE and recipe_def is not None:
                 writer.add_file_type(recipe_def.ftype)
                 continue
-            value_type = field.types[0]
-            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+            copy_field(writer, field)
         for key, value in gguf_types.codebook_metadata().items():
             (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
         if recipe_def is not None:
@@ -125,12 +120,9 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
                 type_name = recipes.tensor_type(recipes.Recipe("", 0, bits_for[t.name]), t.name, shape)
             plan.append((t, shape, type_name))
             if type_name is None:  # in its own type (an equalized one is re-encoded in it)
-                writer.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
+                add_tensor_info(writer, t.name, shape, t.tensor_type)
                 continue
-            qtype = gguf.GGMLQuantizationType[type_name.upper()]
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            packed_shape = (*shape[:-1], shape[-1] // block * type_size)
-            writer.add_tensor_info(t.name, packed_shape, np.dtype(np.uint8), int(np.prod(packed_shape)), raw_dtype=qtype)
+            add_tensor_info(writer, t.name, shape, gguf.GGMLQuantizationType[type_name.upper()])
             stats["types"][type_name] = stats["types"].get(type_name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -170,6 +162,18 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             stats["seconds"] += time.perf_counter() - started
             stats["weights"] += int(values.size)
         writer.close()
+    return stats
+
+
+@contextmanager
+def staged_output(output: Path) -> Iterator[Path]:
+    """A temporary file beside `output` to write, renamed to `output` when the block succeeds and removed when it
+    does not; a full disk is one ConversionError line naming `output`."""
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
         publish(tmp, output)
     except OSError as e:
         if is_short_write(e):
@@ -177,7 +181,31 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         raise
     finally:
         tmp.unlink(missing_ok=True)
-    return stats
+
+
+def copy_field(writer, field) -> None:
+    """Copy one metadata field of a GGUFReader to a GGUFWriter, except those the writer sets itself (the
+    architecture, and GGUF.* header entries)."""
+    import gguf
+
+    if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+        return
+    value_type = field.types[0]
+    sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+    writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+
+
+def add_tensor_info(writer, name: str, shape: tuple[int, ...], qtype) -> None:
+    """Declare tensor `name` of ggml type `qtype` and numpy-order element `shape` (quantized rows as bytes)."""
+    import gguf
+
+    if qtype.name in FULL_PRECISION_TYPES:
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * gguf.GGML_QUANT_SIZES[qtype][1],
+                               raw_dtype=qtype)
+        return
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    packed_shape = (*shape[:-1], shape[-1] // block * type_size)
+    writer.add_tensor_info(name, packed_shape, np.dtype(np.uint8), int(np.prod(packed_shape)), raw_dtype=qtype)
 
 
 def _to_float32(tensor) -> np.ndarray:

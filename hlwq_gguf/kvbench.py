@@ -175,13 +175,14 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     text = textdata.measurement_text_file()
     threads = threads or llama_tools.default_threads()
     layout = plan.read_layout(plain)
+    uncentered = {name: variant(name)[2].get("LLAMA_KV_K_CENTER") == "0" for name in names}
     kept_in = {(w, raw): kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT, n_ctx=None if raw else ctx)
-               for w in set(weights_of.values()) for raw in (False, True)}
+               for w, raw in {(weights_of[name], uncentered[name]) for name in names}}
     values_per_token = sum(a.k_width + a.v_width for a in layout.attention)
     results = {}
     for name in names:
         type_k, type_v, env, _ = variant(name)
-        kept = kept_in[weights_of[name], env.get("LLAMA_KV_K_CENTER") == "0"]
+        kept = kept_in[weights_of[name], uncentered[name]]
         safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
         per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
         results[name] = KVResult(name, type_k, type_v, per_token * 8 / values_per_token, safe, per_token)

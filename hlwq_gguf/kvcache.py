@@ -14,7 +14,7 @@ K centering: subtracting one constant vector c from every cached key shifts ever
 q . c, so attention does not change; llama.cpp (the K-centering patch) stores k - c in a quantized K cache, with c
 the mean over the cache's positions of the key bias after RoPE (`center`). A bias of a few hundred on the
 lowest-frequency RoPE pairs barely turns over the context and is almost all removed; the rule then weighs what is
-left of the bias (`centered_bias_energy`).
+left of the bias (`center`'s second result).
 """
 from __future__ import annotations
 
@@ -82,10 +82,7 @@ def _rope(reader) -> dict:
     """The GGUF's attention shape and RoPE parameters, as llama.cpp reads them."""
     def field(key, default=None):
         value = reader.fields.get(key)
-        if value is None:
-            return default
-        part = value.parts[value.data[0]]
-        return part.tobytes().decode() if value.types[0].name == "STRING" else part[0].item()
+        return default if value is None else value.contents()
 
     arch = field("general.architecture")
     n_embd, n_head = field(f"{arch}.embedding_length"), field(f"{arch}.attention.head_count")
@@ -97,19 +94,13 @@ def _rope(reader) -> dict:
             "freq_scale": 1.0 / factor if scaling == "linear" and factor else 1.0}
 
 
-def _open(path: str | Path):
-    from . import gguf_types
-
-    return gguf_types.register().GGUFReader(str(path))
-
-
-def layer_ratios(path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[int, float]:
-    """outlier_ratio of every layer of a GGUF (a path or an open GGUFReader) that has a separate K weight, K bias and
-    attention norm, for a cache centered for n_ctx positions (None: not centered, LLAMA_KV_K_CENTER=0)."""
+def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[int, float]:
+    """outlier_ratio of every layer of a GGUF that has a separate K weight, K bias and attention norm, for a cache
+    centered for n_ctx positions (None: not centered, LLAMA_KV_K_CENTER=0)."""
     from . import gguf_types
 
     gguf = gguf_types.register()
-    reader = path if isinstance(path, gguf.GGUFReader) else _open(path)
+    reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     rope = _rope(reader)
 
@@ -140,9 +131,8 @@ def centering(n_ctx: int | None = DEFAULT_CONTEXT) -> int | None:
     return None if os.environ.get("LLAMA_KV_K_CENTER", "1").strip() == "0" else n_ctx
 
 
-def safe_k_layers(path, limit: float | None = None, n_ctx: int | None = DEFAULT_CONTEXT) -> list[int]:
-    """The layers whose K llama.cpp keeps at SAFE_K_TYPE when an HLWQ K type is asked for, with a cache of n_ctx
-    (path: a GGUF path or an open GGUFReader)."""
+def safe_k_layers(path: str | Path, limit: float | None = None, n_ctx: int | None = DEFAULT_CONTEXT) -> list[int]:
+    """The layers whose K llama.cpp keeps at SAFE_K_TYPE when an HLWQ K type is asked for, with a cache of n_ctx."""
     if limit is None:
         limit = float(os.environ.get("LLAMA_KV_HLWQ_K_OUTLIER", OUTLIER_LIMIT))
     if limit <= 0:
