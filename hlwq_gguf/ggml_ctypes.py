@@ -60,6 +60,9 @@ class GGML:
         self.base.gguf_init_from_file.restype = ctypes.c_void_p
         self.base.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
         self.base.gguf_free.argtypes = [ctypes.c_void_p]
+        self.cpu.ggml_hlwq_mad_row_rotated.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                                       ctypes.c_int64]
+        self.cpu.ggml_hlwq_unrotate_row.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
         self.cpu.ggml_cpu_init()
 
     @staticmethod
@@ -135,6 +138,17 @@ class GGML:
         bs = 16
         self.cpu_traits(name).vec_dot(n, _ptr(result), bs, _ptr(w), w.strides[0], _ptr(a), a.strides[0], 2)
         return np.array([[result[0], result[bs]], [result[1], result[bs + 1]]])
+
+    def mad_rotated(self, name: str, row: np.ndarray, acc: np.ndarray, weight: float) -> None:
+        """acc += weight * (the HLWQ row decoded without its inverse rotation): flash attention's V side."""
+        assert acc.dtype == np.float32 and acc.flags.c_contiguous
+        row = np.ascontiguousarray(row, dtype=np.uint8)
+        self.cpu.ggml_hlwq_mad_row_rotated(self.type_id(name), _ptr(row), _ptr(acc), weight, acc.size)
+
+    def unrotate(self, name: str, acc: np.ndarray) -> None:
+        """The inverse rotation of each block of acc, in place: what flash attention applies once per query."""
+        assert acc.dtype == np.float32 and acc.flags.c_contiguous
+        self.cpu.ggml_hlwq_unrotate_row(self.type_id(name), _ptr(acc), acc.size)
 
     def validate_row(self, name: str, data: np.ndarray) -> bool:
         data = np.ascontiguousarray(data, dtype=np.uint8)

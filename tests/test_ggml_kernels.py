@@ -93,6 +93,34 @@ def test_vec_dot_is_the_rotated_integer_dot(ggml, name):
     assert np.abs(c_dots - float_dots).max() <= 0.02 * np.abs(float_dots).max()
 
 
+@pytest.mark.parametrize("name", WEIGHT_TYPES)
+def test_flash_attention_sums_v_rows_in_the_rotated_domain(ggml, name):
+    """The CPU flash attention's V side (SIMD for the canonical tables): sum_i p_i v_i accumulated from the codes
+    without the inverse rotation equals the numpy codec's rotated-domain values, and rotated once it is the sum of
+    the dequantized rows."""
+    block_type = codec.BLOCK_TYPES[name]
+    rng = np.random.default_rng(13)
+    cols = 512 if block_type.block_size == 128 else 576
+    rows = ggml.quantize(name, _matrix(rng, 6, cols) * 40.0)
+    weights = rng.uniform(0.0, 1.0, len(rows)).astype(np.float32)
+
+    acc = np.zeros(cols, dtype=np.float32)
+    for row, weight in zip(rows, weights):
+        ggml.mad_rotated(name, row, acc, float(weight))
+
+    codebook = codec.load_codebook(block_type.bits, block_type.table).astype(np.float64)
+    expected = np.zeros(cols)
+    for row, weight in zip(rows, weights):
+        d, codes = block_type.unpack_blocks(row)
+        rotated = d.astype(np.float64)[:, None] * codebook[codes] / np.sqrt(block_type.block_size)
+        expected += float(weight) * rotated.reshape(-1)
+    assert np.abs(acc - expected).max() <= 1e-6 * np.abs(expected).max()
+
+    ggml.unrotate(name, acc)
+    dequantized = np.stack([ggml.dequantize(name, row, cols) for row in rows]).astype(np.float64)
+    assert np.abs(acc - weights @ dequantized).max() <= 1e-5 * np.abs(weights @ dequantized).max()
+
+
 def test_codebook_identity(ggml):
     assert ggml.codebook == (gguf_types.CODEBOOK_NAME, gguf_types.codebook_fingerprint())
 
