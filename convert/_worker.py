@@ -26,29 +26,6 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _quantize_with_ggml(ggml, block_type, array, threads: int, imatrix=None):
-    """HLWQ-code an array (..., n) with the patched ggml, which produces the same bytes as hlwq_gguf.codec.
-
-    `imatrix`: one importance weight per column (llama-imatrix's mean squared input); the blocks' scales and codes
-    then minimise the weighted error (C only: the numpy codec has no weighted fit).
-
-    ggml saturates a block scale beyond fp16 at 65504 rather than failing; such a block is refused here.
-    """
-    import numpy as np
-
-    from hlwq_gguf import codec
-
-    rows = array.reshape(-1, array.shape[-1])
-    packed = ggml.quantize(block_type.name, rows, threads, imatrix=imatrix)
-    scales = np.ascontiguousarray(packed.reshape(-1, block_type.type_size)[:, :2]).view("<f2").reshape(-1)
-    saturated = np.flatnonzero(~(np.abs(scales) < codec.FP16_MAX))
-    if saturated.size:
-        block = int(saturated[0])
-        norm = float(codec.block_norms(rows.reshape(-1, block_type.block_size)[block:block + 1])[0])
-        raise codec.HLWQValueError(f"block {block}: block norm {norm:.7g} exceeds fp16 range (max {codec.FP16_MAX:g})")
-    return packed.reshape(*array.shape[:-1], -1)
-
-
 class _AnonymousMemoryPeak:
     """Samples the process's RssAnon (heap and buffers, not the page cache of mmapped safetensors) in a thread.
 
@@ -273,6 +250,7 @@ def main() -> None:
     import gguf
 
     from convert import polarquant
+    from convert.encode import add_codebook_metadata, check_finite, encode_tensor
     from convert.source import ConversionError
     from hlwq_gguf import codec, gguf_types, recipes
 
@@ -317,16 +295,11 @@ def main() -> None:
         def checked_quantize(name: str, qtype, block_type):
             def run(array: np.ndarray) -> np.ndarray:
                 started = time.perf_counter()
-                if not np.isfinite(array).all():
-                    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-                    raise codec.HLWQValueError(f"tensor {name}: {bad} NaN/Inf weights")
-                try:
-                    if block_type is None:
-                        out = gguf.quants.quantize(array, qtype)
-                    else:
-                        out = _quantize_with_ggml(ggml, block_type, array, threads)
-                except codec.HLWQValueError as e:
-                    raise codec.HLWQValueError(f"tensor {name}: {e}") from None
+                if block_type is None:
+                    check_finite(name, array)
+                    out = gguf.quants.quantize(array, qtype)
+                else:
+                    out = encode_tensor(ggml, name, array, block_type.name, threads)
                 stats["seconds"] += time.perf_counter() - started
                 stats["weights"] += int(np.size(array))
                 return out
@@ -408,8 +381,7 @@ def main() -> None:
         writer.write_tensors_to_file = _with_progress(writer, stats, enabled=not args.get("quiet"))
         original_add_file_type = writer.add_file_type
         writer.add_file_type = lambda _ftype: original_add_file_type(recipe.ftype)
-        for key, value in gguf_types.codebook_metadata().items():
-            (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+        add_codebook_metadata(writer)
         writer.add_string("hlwq.recipe", recipe.name)
         if imported is not None:
             # the _A/_B types name their table; these say where the codes came from

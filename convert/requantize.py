@@ -55,7 +55,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     import gguf
     from tqdm import tqdm
 
-    from ._worker import _quantize_with_ggml
+    from .encode import add_codebook_metadata, encode_tensor
     from hlwq_gguf.ggml_ctypes import GGML
 
     gguf_types.register(gguf)
@@ -103,8 +103,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
                 writer.add_file_type(recipe_def.ftype)
                 continue
             copy_field(writer, field)
-        for key, value in gguf_types.codebook_metadata().items():
-            (writer.add_string if isinstance(value, str) else writer.add_uint32)(key, value)
+        add_codebook_metadata(writer)
         if recipe_def is not None:
             writer.add_string("hlwq.recipe", recipe_def.name)
         if channels:
@@ -138,9 +137,6 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             values = _to_float32(t)
             if scales is not None:
                 values = scales.apply(t.name, values)
-            if not np.isfinite(values).all():
-                raise ConversionError(f"{source}: tensor {t.name}: NaN/Inf weights")
-            block_type = codec.BLOCK_TYPES.get(type_name.upper())
             weights = importance.get(t.name)
             if weights is not None and weights.size == shape[-1]:
                 # equalized columns see inputs divided by their scale: E[(x/s)^2] = E[x^2] / s^2
@@ -151,13 +147,9 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             else:
                 weights = None
             try:
-                if block_type is not None:
-                    packed = _quantize_with_ggml(ggml, block_type, values, threads, imatrix=weights)
-                else:
-                    packed = ggml.quantize(type_name, values.reshape(-1, shape[-1]), threads,
-                                           imatrix=weights).reshape(*shape[:-1], -1)
+                packed = encode_tensor(ggml, t.name, values, type_name, threads, imatrix=weights)
             except codec.HLWQValueError as e:
-                raise ConversionError(f"{source}: tensor {t.name}: {e}") from None
+                raise ConversionError(f"{source}: {e}") from None
             writer.write_tensor_data(packed)
             stats["seconds"] += time.perf_counter() - started
             stats["weights"] += int(values.size)

@@ -102,7 +102,7 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _reference_and_checkpoint(source: str, reference_type: str, log) -> tuple[Path, Path | None, Path]:
+def reference_and_checkpoint(source: str, reference_type: str, log) -> tuple[Path, Path | None, Path]:
     """The full-precision reference GGUF, the HF checkpoint it came from (None for a GGUF source) and the cache
     folder for this source's quantized variants, keyed by the source's fingerprint so edited weights never meet
     stale files."""
@@ -302,7 +302,7 @@ def run_bench(source: str = models.DEFAULT_MODEL, out_dir: Path | None = None, *
     slug = _slug(source)
     out_dir = Path(out_dir or Path.cwd() / f"bench-{slug}")
 
-    reference, checkpoint, workdir = _reference_and_checkpoint(source, reference_type, log)
+    reference, checkpoint, workdir = reference_and_checkpoint(source, reference_type, log)
     build = builder.ensure_build()
     out_dir.mkdir(parents=True, exist_ok=True)
     text_file = textdata.measurement_text_file()

@@ -79,6 +79,16 @@ def bits_per_value(cache_type: str) -> float:
     return size * 8 / block
 
 
+def layer_bits_per_value(layout, type_k: str, type_v: str, safe_k_layers=()) -> float:
+    """Bits per cached K or V value of a model's cache, the layers whose K stays q8_0 included."""
+    bits = values = 0.0
+    for layer in layout.attention:
+        k_type = "q8_0" if layer.index in safe_k_layers else type_k
+        bits += layer.k_width * bits_per_value(k_type) + layer.v_width * bits_per_value(type_v)
+        values += layer.k_width + layer.v_width
+    return bits / values
+
+
 def seed_max_context(config_dir: Path, budget: int = CACHE_BUDGET) -> dict[str, dict[str, int]]:
     """Longest context whose K+V cache fits `budget` bytes, per seed model and cache type.
 
@@ -114,9 +124,9 @@ def seed_max_context(config_dir: Path, budget: int = CACHE_BUDGET) -> dict[str, 
 
 def _weights(build, model: str, log) -> tuple[Path, Path, Path]:
     """A Q8_0 GGUF of the model (the weights every cache type runs with), its reference and the bench cache folder."""
-    from .bench import _reference_and_checkpoint
+    from .bench import reference_and_checkpoint
 
-    reference, _, workdir = _reference_and_checkpoint(model, "f32", log)
+    reference, _, workdir = reference_and_checkpoint(model, "f32", log)
     weights = workdir / "Q8_0.gguf"
     if not weights.exists():
         llama_tools.llama_quantize(build, reference, weights, "Q8_0")
@@ -178,14 +188,16 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     uncentered = {name: variant(name)[2].get("LLAMA_KV_K_CENTER") == "0" for name in names}
     kept_in = {(w, raw): kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT, n_ctx=None if raw else ctx)
                for w, raw in {(weights_of[name], uncentered[name]) for name in names}}
-    values_per_token = sum(a.k_width + a.v_width for a in layout.attention)
     results = {}
     for name in names:
         type_k, type_v, env, _ = variant(name)
         kept = kept_in[weights_of[name], uncentered[name]]
         safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
+        # bytes per token are what the cache of ctx tokens costs (sliding-window layers hold fewer cells); bits per
+        # value are the types' own, over every layer's K and V row
         per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
-        results[name] = KVResult(name, type_k, type_v, per_token * 8 / values_per_token, safe, per_token)
+        results[name] = KVResult(name, type_k, type_v, layer_bits_per_value(layout, type_k, type_v, safe), safe,
+                                 per_token)
 
     # every variant is scored against the f16 cache on the plain weights, smoothed ones included
     base = workdir / f"kv-f16.ctx{ctx}.chunks{chunks}.kld"

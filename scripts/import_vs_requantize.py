@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     build = builder.ensure_build()
-    reference, checkpoint, workdir = bench._reference_and_checkpoint(args.model, "f32", print)
+    reference, checkpoint, workdir = bench.reference_and_checkpoint(args.model, "f32", print)
     work = workdir / "import-vs-requantize"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()

@@ -29,7 +29,7 @@ def model_files(source: str, threads: int) -> dict[str, Path]:
     from hlwq_gguf.build import ensure_build
 
     build = ensure_build()
-    reference, checkpoint, workdir = bench._reference_and_checkpoint(source, "f32", print)
+    reference, checkpoint, workdir = bench.reference_and_checkpoint(source, "f32", print)
     files = {"HLWQ5": workdir / "HLWQ5.gguf", "Q5_K_M": workdir / "Q5_K_M.gguf"}
     if not files["Q5_K_M"].exists():
         llama_tools.llama_quantize(build, reference, files["Q5_K_M"], "Q5_K_M", threads=threads)

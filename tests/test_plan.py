@@ -101,6 +101,26 @@ def test_layout_classifies_experts(moe):
     assert all(b > 0 for b in experts.values())
 
 
+def test_kv_bits_per_value_are_the_types_own(moe):
+    """`hlwq-gguf bench --kv` reports bits per value from the cache types, whatever the sliding windows save: a
+    cache's bytes per token at a long context, divided by every layer's values, would fall below the type's bits
+    for Gemma-4's sliding layers."""
+    from hlwq_gguf import kvbench
+
+    L = moe.layout
+    for kv_type, bits in (("f16", 16.0), ("q8_0", 8.5), ("q4_0", 4.5), ("hlwq4_64", 4.25), ("hlwq3_64", 3.25)):
+        assert kvbench.layer_bits_per_value(L, kv_type, kv_type) == pytest.approx(bits)
+    first = L.attention[0].index
+    assert kvbench.layer_bits_per_value(L, "hlwq4_64", "hlwq4_64", [first]) > 4.25  # one layer's K kept at q8_0
+    values = sum(a.k_width + a.v_width for a in L.attention)
+    n_ctx = 8192
+    footprint_bits = planner.kv_cache_bytes(L, n_ctx, "f16") * 8 / n_ctx / values
+    if moe.family == "gemma-4-26b-a4b":
+        assert footprint_bits < 12.0
+    else:
+        assert footprint_bits == pytest.approx(16.0, rel=1e-3)
+
+
 @pytest.mark.parametrize("kv_type", ["f16", "q8_0", "hlwq3"])
 def test_kv_and_compute_sizes_match_llama_cpp(llama_build, moe, kv_type, capfd):
     """The planner's KV bytes equal what llama.cpp allocates (SWA and MLA caches included); its compute-buffer
