@@ -43,7 +43,7 @@ class CategoryGain:
     kld_gain: float  # KLD(all at b) - KLD(this category at b + 1)
 
 
-def tensor_category(name: str) -> str:
+def allocation_category(name: str) -> str:
     """blk.N.attn_v.weight -> attn_v; token_embd.weight -> token_embd (one knob for every layer's tensor)."""
     match = re.match(r"blk\.\d+\.(.+)\.weight$", name)
     return match.group(1) if match else name.removesuffix(".weight")
@@ -156,7 +156,7 @@ def allocate(source: Path, target_bpw: float, *, imatrix: Path | None, equalize:
     extra_bytes_of = {n: _row_bytes(n, s, bits + 1) - _row_bytes(n, s, bits) for n, s in quantized.items()}
     by_category: dict[str, list[str]] = {}
     for name in quantized:
-        by_category.setdefault(tensor_category(name), []).append(name)
+        by_category.setdefault(allocation_category(name), []).append(name)
 
     build = builder.ensure_build()
     text = textdata.calibration_text_file()

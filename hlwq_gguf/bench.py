@@ -243,7 +243,7 @@ def _measure_quality(build, variants: list[VariantResult], text_file: Path, sett
         q = llama_tools.perplexity(build, Path(reference.file), text_file, ctx=settings.ctx, chunks=settings.chunks,
                                    save_kld_base=base, threads=settings.threads)
         reference.ppl, reference.ppl_err = q.ppl, q.ppl_err
-        _atomic_write(base_ppl, json.dumps({"key": key, "ppl": q.ppl, "ppl_err": q.ppl_err}).encode())
+        atomic_write(base_ppl, json.dumps({"key": key, "ppl": q.ppl, "ppl_err": q.ppl_err}).encode())
     for v in variants[1:]:
         progress(f"perplexity + KLD {v.name}")
         q = llama_tools.perplexity(build, Path(v.file), text_file, ctx=settings.ctx, chunks=settings.chunks,
@@ -385,14 +385,14 @@ def markdown_table(result: BenchResult) -> str:
 def write_outputs(result: BenchResult, out_dir: Path) -> None:
     """results.json, results.md, kld_vs_bpw.png and speed.png in OUT_DIR (each written atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
-    _atomic_write(out_dir / "results.md", (markdown_table(result) + "\n").encode())
+    atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
+    atomic_write(out_dir / "results.md", (markdown_table(result) + "\n").encode())
     plot_quality(result, out_dir / "kld_vs_bpw.png")
     if result.settings.rounds:
         plot_speed(result, out_dir / "speed.png")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         f.write(data)
     umask = os.umask(0)
@@ -401,7 +401,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     Path(f.name).replace(path)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.partial.png")
@@ -435,7 +435,7 @@ def plot_quality(result: BenchResult, path: Path) -> None:
     ax.set_title(f"{result.model}: quality vs size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_speed(result: BenchResult, path: Path) -> None:
@@ -457,4 +457,4 @@ def plot_speed(result: BenchResult, path: Path) -> None:
     ax.set_ylabel(f"speed relative to {BASELINE}")
     ax.set_title(f"{result.model}: llama-bench, {s.threads} threads, median of {s.rounds} rounds")
     ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)

@@ -41,7 +41,7 @@ class Build:
 
     @property
     def source(self) -> Path:
-        return paths.patched_tree()
+        return paths.patched_tree_dir()
 
     def version_line(self) -> str:
         """What the build says about itself: llama.cpp build number, commit and the patch series it carries."""

@@ -268,11 +268,11 @@ def markdown(result: KVBenchResult) -> str:
 
 
 def write_outputs(result: KVBenchResult, out_dir: Path) -> None:
-    from .bench import _atomic_write, _save_figure
+    from .bench import atomic_write, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
-    _atomic_write(out_dir / "results.md", (markdown(result) + "\n").encode())
+    atomic_write(out_dir / "results.json", json.dumps(asdict(result), indent=1).encode())
+    atomic_write(out_dir / "results.md", (markdown(result) + "\n").encode())
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,5 +289,5 @@ def write_outputs(result: KVBenchResult, out_dir: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"KV cache: {result.model}, ctx {result.ctx}")
     ax.grid(True, which="both", alpha=0.3)
-    _save_figure(fig, out_dir / "kld_vs_bits.png")
+    save_figure(fig, out_dir / "kld_vs_bits.png")
     plt.close(fig)

@@ -30,7 +30,7 @@ def pristine_tree() -> Path:
     return upstream_dir() / "pristine"
 
 
-def patched_tree() -> Path:
+def patched_tree_dir() -> Path:
     """A fixed path for the patched tree so that ninja and ccache reuse work across patch revisions."""
     return upstream_dir() / "patched"
 

@@ -122,7 +122,7 @@ def _sync_tree(source: Path, target: Path) -> None:
 def patched_tree() -> Path:
     """The pinned llama.cpp with ggml_patch/*.patch applied, at a fixed path in the cache."""
     key = patch_series_hash()
-    tree = paths.patched_tree()
+    tree = paths.patched_tree_dir()
     stamp = tree / ".hlwq-patch-series"
     if stamp.exists() and stamp.read_text().strip() == key:
         return tree
