@@ -1,5 +1,5 @@
 """Checkpoint -> HLWQ GGUF conversion (`hlwq-gguf convert`)."""
-from .hf import ConversionReport, convert_checkpoint
+from .pipeline import ConversionOptions, ConversionReport, convert_checkpoint
 from .source import ConversionError
 
-__all__ = ["ConversionError", "ConversionReport", "convert_checkpoint"]
+__all__ = ["ConversionError", "ConversionOptions", "ConversionReport", "convert_checkpoint"]

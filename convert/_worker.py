@@ -1,21 +1,83 @@
-"""The conversion itself, run in a child process that imports the pinned llama.cpp's own converter.
+"""The checkpoint path's adapter to llama.cpp's own converter, which runs in a child process.
 
 llama.cpp's model classes (convert_hf_to_gguf / conversion/) supply tensor names, layouts and metadata for
-every architecture they support; they run with output type F32 so that nothing is rounded before HLWQ sees
-it, and the writer's add_tensor is wrapped to quantize each selected tensor (lazily, while it is written).
-Usage: python -m convert._worker <json-args>
+every architecture they support. They import the pinned tree's gguf-py, which must not meet the PyPI `gguf` the
+rest of hlwq-gguf uses, hence the child. They run with output type F32 so that nothing is rounded before HLWQ
+sees it; the writer's add_tensor asks the TensorPlan (convert/tensor_plan.py) for each tensor's type and codes it
+with convert/encode.py, lazily, while it is written.
+
+`run(job)` is the parent's side (convert/pipeline.py calls it); `main()` the child's:
+python -m convert._worker <WorkerJob as JSON>.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
 _ERROR_FILE: Path | None = None
+
+
+@dataclass
+class WorkerJob:
+    """What the child needs: the checkpoint, the file to write and how to code it."""
+    llama_cpp_tree: str
+    lib_dir: str
+    model_dir: str
+    out_tmp: str
+    output: str  # the final name, for messages
+    recipe: str
+    threads: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    hub_id: str | None = None
+    import_format: str | None = None
+    codebook: str | None = None
+    keep_unquantized: bool = False
+
+    @property
+    def stats_file(self) -> Path:
+        return Path(self.out_tmp).with_suffix(".stats.json")
+
+    @property
+    def error_file(self) -> Path:
+        return Path(self.out_tmp).with_suffix(".error")
+
+
+def run(job: WorkerJob) -> dict:
+    """Write `job.out_tmp` in a child process; its stats, or a ConversionError with the child's one-line reason.
+    The child dies with this process; an interrupt kills it and removes its files."""
+    from .source import ConversionError, die_with_parent
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "convert._worker", json.dumps(asdict(job))], env=env,
+                            stdout=subprocess.DEVNULL if job.quiet else None,
+                            stderr=subprocess.PIPE if job.quiet else None, text=True, preexec_fn=die_with_parent)
+    try:
+        try:
+            _, stderr = proc.communicate()
+        except BaseException:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            if job.error_file.exists():
+                raise ConversionError(job.error_file.read_text().strip())
+            lines = [line for line in (stderr or "").splitlines() if line.strip()]
+            last = lines[-1].split("\r")[-1] if lines else f"exit code {proc.returncode} (its output is above)"
+            raise ConversionError(f"{job.model_dir}: conversion failed: {last}")
+        return json.loads(job.stats_file.read_text())
+    finally:
+        job.stats_file.unlink(missing_ok=True)
+        job.error_file.unlink(missing_ok=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -237,12 +299,12 @@ def _importing(model_class, imported, lazy_tensor_cls):
 
 def main() -> None:
     global _ERROR_FILE
-    args = json.loads(sys.argv[1])
-    _ERROR_FILE = Path(args["error_out"])
-    tree = Path(args["llama_cpp_tree"])
+    job = WorkerJob(**json.loads(sys.argv[1]))
+    _ERROR_FILE = job.error_file
+    tree = Path(job.llama_cpp_tree)
     sys.path[:0] = [str(tree / "gguf-py"), str(tree)]
     # upstream's converter logs every hyper-parameter at INFO; our own progress bar says what is going on
-    logging.basicConfig(level=logging.INFO if args.get("verbose") else logging.ERROR if args.get("quiet") else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if job.verbose else logging.ERROR if job.quiet else logging.WARNING,
                         format="%(message)s")
 
     import numpy as np
@@ -252,24 +314,25 @@ def main() -> None:
     from convert import polarquant
     from convert.encode import add_codebook_metadata, check_finite, encode_tensor
     from convert.source import ConversionError
+    from convert.tensor_plan import TensorPlan
     from hlwq_gguf import codec, gguf_types, recipes
 
     gguf_types.register(gguf)
     import convert_hf_to_gguf as upstream
     from hlwq_gguf.ggml_ctypes import GGML
 
-    ggml = GGML(Path(args["lib_dir"]))
-    threads = int(args.get("threads") or os.cpu_count() or 1)
+    ggml = GGML(Path(job.lib_dir))
+    threads = int(job.threads or os.cpu_count() or 1)
 
-    recipe = recipes.RECIPES[args["recipe"]]
-    dir_model = Path(args["model_dir"])
+    recipe = recipes.RECIPES[job.recipe]
+    dir_model = Path(job.model_dir)
     imported = None
-    if args.get("import_format"):
+    if job.import_format:
         try:
-            imported = polarquant.load(dir_model, args.get("codebook"))
+            imported = polarquant.load(dir_model, job.codebook)
         except ConversionError as e:
             _fail(str(e))
-    out_tmp = Path(args["out_tmp"])
+    out_tmp = Path(job.out_tmp)
     stats = {"weights": 0, "seconds": 0.0, "types": {}, "import": []}
 
     hparams = upstream.ModelBase.load_hparams(dir_model, False)
@@ -286,11 +349,12 @@ def main() -> None:
 
     with torch.inference_mode():
         model = model_class(dir_model, gguf.LlamaFileType.ALL_F32, out_tmp, is_big_endian=False,
-                            use_temp_file=False, eager=False, metadata_override=None, model_name=args.get("model_name"),
+                            use_temp_file=False, eager=False, metadata_override=None, model_name=None,
                             split_max_tensors=0, split_max_size=0, dry_run=False, small_first_shard=False,
-                            remote_hf_model_id=args.get("hub_id"))
+                            remote_hf_model_id=job.hub_id)
         writer = model.gguf_writer
-        tied = not any(name in model.model_tensors for name in ("lm_head.weight", "output.weight"))
+        tensor_plan = TensorPlan(recipe, keep_unquantized=job.keep_unquantized, tied_embeddings=not any(
+            name in model.model_tensors for name in ("lm_head.weight", "output.weight")))
 
         def checked_quantize(name: str, qtype, block_type):
             def run(array: np.ndarray) -> np.ndarray:
@@ -308,24 +372,18 @@ def main() -> None:
         original_add_tensor = writer.add_tensor
 
         def import_type(name, tensor):
-            """(type, sources) for a tensor of an imported checkpoint: its codes' own type when every block can come
-            from the checkpoint unchanged; otherwise the recipe's type (or the source dtype with --keep-unquantized)."""
+            """(type, origin) of a tensor of an imported checkpoint: origin is the list of coded sources whose
+            codes it copies, or the report entry of a tensor re-encoded from them, or None for a plain tensor."""
             sources = _sources_of(tensor)
             shape = tuple(tensor.shape)
-            if sources:
-                kinds = {(w.bits, w.table, w.in_features % 128 == 0) for s in sources for w in s.weights}
-                if len(kinds) == 1 and next(iter(kinds))[2] and shape[-1] % 128 == 0 and \
-                        shape[-1] == sources[0].weights[0].in_features:
-                    bits, table, _ = kinds.pop()
-                    return codec.block_type(bits, 128, table).name.lower(), sources
-                reason = "padded rows" if not all(w.in_features % 128 == 0 for s in sources for w in s.weights) else \
-                    "mixed bits" if len(kinds) > 1 else "rows re-laid by the model's converter"
-                entry = {"name": name, "copied": 0, "blocks": 0, "added_rel_rms": 0.0, "reason": reason}
-                stats["import"].append(entry)
-                return recipes.tensor_type(recipe, name, shape, tied_embeddings=tied) or "f16", entry
-            if args.get("keep_unquantized") and len(shape) >= 2:
-                return "bf16", None
-            return recipes.tensor_type(recipe, name, shape, tied_embeddings=tied), None
+            if not sources:
+                return tensor_plan.type_for_plain(name, shape), None
+            decision = tensor_plan.type_for_imported(name, shape, [w for s in sources for w in s.weights])
+            if decision.reason is None:
+                return decision.type_name, sources
+            entry = {"name": name, "copied": 0, "blocks": 0, "added_rel_rms": 0.0, "reason": decision.reason}
+            stats["import"].append(entry)
+            return decision.type_name, entry
 
         def add_tensor(name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
             type_name = None
@@ -334,7 +392,7 @@ def main() -> None:
                 if imported is not None:
                     type_name, origin = import_type(name, tensor)
                 else:
-                    type_name = recipes.tensor_type(recipe, name, tuple(tensor.shape), tied_embeddings=tied)
+                    type_name = tensor_plan.type_for(name, tuple(tensor.shape))
             if type_name is None:
                 if raw_dtype == gguf.GGMLQuantizationType.F32 and not isinstance(tensor, gguf.LazyChunkedTensor):
                     check = checked_quantize(name, gguf.GGMLQuantizationType.F32, None)
@@ -378,7 +436,7 @@ def main() -> None:
             return original_add_tensor(name, tensor, raw_dtype=qtype, tensor_endianess=tensor_endianess)
 
         writer.add_tensor = add_tensor
-        writer.write_tensors_to_file = _with_progress(writer, stats, enabled=not args.get("quiet"))
+        writer.write_tensors_to_file = _with_progress(writer, stats, enabled=not job.quiet)
         original_add_file_type = writer.add_file_type
         writer.add_file_type = lambda _ftype: original_add_file_type(recipe.ftype)
         add_codebook_metadata(writer)
@@ -400,8 +458,7 @@ def main() -> None:
 
     stats["wall_seconds"] = elapsed
     stats["peak_anon_bytes"] = memory.peak_bytes
-    with open(args["stats_out"], "w") as f:
-        json.dump(stats, f)
+    job.stats_file.write_text(json.dumps(stats))
 
 
 def _one_line(error: BaseException) -> str:
@@ -413,13 +470,13 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:
-        args = json.loads(sys.argv[1])
+        failed = WorkerJob(**json.loads(sys.argv[1]))
         from convert.source import is_short_write, short_write_message
 
         if is_short_write(e):
-            _fail(short_write_message(Path(args["output"]), e))
-        if args.get("verbose"):
+            _fail(short_write_message(Path(failed.output), e))
+        if failed.verbose:
             import traceback
             traceback.print_exc()
         # upstream's converter meeting a file it cannot read: one line, not its traceback
-        _fail(f"{args['model_dir']}: llama.cpp's converter failed: {_one_line(e)}")
+        _fail(f"{failed.model_dir}: llama.cpp's converter failed: {_one_line(e)}")

@@ -96,7 +96,8 @@ def compose(narrow: Path, wide: Path, upgraded: set[str], output: Path) -> dict[
 
     from hlwq_gguf import gguf_files, gguf_types
 
-    from .requantize import FULL_PRECISION_TYPES, add_tensor_info, copy_field, staged_output
+    from .requantize import FULL_PRECISION_TYPES, add_tensor_info, copy_field
+    from .sink import staged_output
 
     gguf_types.register(gguf)
     base, other = gguf_files.read_gguf(narrow), gguf_files.read_gguf(wide)

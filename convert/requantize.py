@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,9 @@ from hlwq_gguf import build as builder
 from hlwq_gguf import codec, gguf_files, gguf_types, recipes
 
 from . import equalize as equalizer
-from .source import ConversionError, is_short_write, publish, short_write_message, staging_prefix
+from .sink import staged_output
+from .source import ConversionError
+from .tensor_plan import TensorPlan
 
 FULL_PRECISION_TYPES = ("F32", "F16", "BF16")
 
@@ -48,7 +48,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
     of convert/equalize.py are applied first, from the importance matrix when given, else from the weights alone.
     With `imatrix` every matrix it covers is also coded by the importance-weighted error (ggml's quantizer with
     quant_weights, as llama-quantize --imatrix), equalized or not. `smooth_keys` moves K's outlier channels into
-    Q (off by default: llama.cpp's K centering, patch 0009, does better without it).
+    Q (off by default: llama.cpp's K centering, patch 0006, does better without it).
     Returns {"types": {type: count}, "weights": n, "seconds": s, "equalized": n_tensors, "weighted": n_tensors,
     "smoothed_layers": n}.
     """
@@ -73,7 +73,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
                               "HLWQ codes full-precision weights only")
     architecture = reader.fields["general.architecture"].contents()
     tensors = _FloatTensors(reader)
-    tied = "output.weight" not in tensors
+    tensor_plan = TensorPlan(recipe_def, tied_embeddings="output.weight" not in tensors, bits_for=bits_for)
 
     scales = None
     importance = equalizer.load_imatrix(imatrix) if imatrix is not None else {}
@@ -111,13 +111,11 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         if scales is not None and scales.smoothed_layers:
             writer.add_string("hlwq.smooth_keys", scales.source)
 
-        plan = []
+        planned = []
         for t in reader.tensors:
             shape = gguf_types.numpy_shape(t)
-            type_name = recipes.tensor_type(recipe_def, t.name, shape, tied_embeddings=tied) if recipe_def else None
-            if type_name is not None and bits_for and t.name in bits_for:
-                type_name = recipes.tensor_type(recipes.Recipe("", 0, bits_for[t.name]), t.name, shape)
-            plan.append((t, shape, type_name))
+            type_name = tensor_plan.type_for(t.name, shape)
+            planned.append((t, shape, type_name))
             if type_name is None:  # in its own type (an equalized one is re-encoded in it)
                 add_tensor_info(writer, t.name, shape, t.tensor_type)
                 continue
@@ -126,7 +124,7 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t, shape, type_name in tqdm(plan, desc="HLWQ", unit="tensor", disable=quiet):
+        for t, shape, type_name in tqdm(planned, desc="HLWQ", unit="tensor", disable=quiet):
             if type_name is None:
                 data = t.data
                 if scales is not None and (t.name in scales.row_divisors or t.name in scales.column_scales):
@@ -155,24 +153,6 @@ def requantize_gguf(source: Path, output: Path, recipe: str | None = "hlwq5", *,
             stats["weights"] += int(values.size)
         writer.close()
     return stats
-
-
-@contextmanager
-def staged_output(output: Path) -> Iterator[Path]:
-    """A temporary file beside `output` to write, renamed to `output` when the block succeeds and removed when it
-    does not; a full disk is one ConversionError line naming `output`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(output), suffix=".partial", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        publish(tmp, output)
-    except OSError as e:
-        if is_short_write(e):
-            raise ConversionError(short_write_message(output, e)) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def copy_field(writer, field) -> None:

@@ -194,8 +194,9 @@ def staging_prefix(output: Path) -> str:
 
 def sweep_stale_staging(output: Path) -> list[Path]:
     """Remove what killed conversions to `output` left beside it (SIGKILL runs no cleanup): staging entries whose
-    process is gone. Those of a live process (a concurrent conversion) stay."""
-    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(\d+)\.")
+    process is gone. Those of a live process (a concurrent conversion) stay. A step that stages its own file
+    onto the conversion's staging file leaves a name with one more leading dot, of the same process."""
+    pattern = re.compile(rf"^\.+{re.escape(output.name)}\.(\d+)\.")
     removed = []
     for entry in output.parent.iterdir() if output.parent.is_dir() else []:
         match = pattern.match(entry.name)

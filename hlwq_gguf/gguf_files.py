@@ -1,9 +1,10 @@
 """Reading GGUF files a user hands to hlwq-gguf: ggml's own parser vets each one before gguf-py reads it."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from . import gguf_types
+from . import gguf_types, typetable
 from .build import ensure_build
 from .ggml_ctypes import GGML
 
@@ -24,6 +25,10 @@ def read_gguf(path):
         raise GGUFFileError(f"{path}: no such file")
     refusal = GGML(ensure_build().bin).gguf_parse_error(path)
     if refusal is not None:
+        legacy = re.search(r"invalid ggml type (\d+)", refusal)
+        if legacy and int(legacy[1]) in typetable.LEGACY_GGML_TYPE_IDS.values():
+            raise GGUFFileError(f"{path}: written with the HLWQ type ids before the type table (type {legacy[1]}); "
+                                f"renumber it in place: python scripts/renumber_hlwq_types.py {path}")
         raise GGUFFileError(f"{path}: not a valid GGUF file (llama.cpp's GGUF parser refuses it: {refusal})")
     gguf = gguf_types.register()
     try:

@@ -12,20 +12,11 @@ from types import ModuleType
 
 import numpy as np
 
-from . import codec
+from . import codec, typetable
 
-# ggml type ids, in the range 100-131 reserved for HLWQ (see docs/TYPES.md)
-GGML_TYPE_IDS = {
-    "HLWQ3": 100, "HLWQ4": 101, "HLWQ5": 102, "HLWQ6": 103,
-    "HLWQ3_64": 104, "HLWQ4_64": 105, "HLWQ5_64": 106, "HLWQ6_64": 107,
-    # the reference implementation's codebooks A and B (lossless import)
-    "HLWQ3_A": 108, "HLWQ4_A": 109, "HLWQ5_A": 110, "HLWQ6_A": 111,
-    "HLWQ3_B": 112, "HLWQ4_B": 113, "HLWQ5_B": 114, "HLWQ6_B": 115,
-    "Q8_HLWQ": 120, "Q8_HLWQ_64": 121,
-}
-# llama_ftype values of the HLWQ file types
-FILE_TYPE_IDS = {"MOSTLY_HLWQ3": 100, "MOSTLY_HLWQ4": 101, "MOSTLY_HLWQ5": 102, "MOSTLY_HLWQ6": 103, "MOSTLY_HLWQ5_M": 104,
-                 "MOSTLY_HLWQ4_M": 105}
+# the ids come from the one type table (hlwq_gguf/typetable.py, docs/TYPES.md)
+GGML_TYPE_IDS = typetable.GGML_TYPE_IDS
+FILE_TYPE_IDS = typetable.FILE_TYPE_IDS
 
 CODEBOOK_KEY = "hlwq.codebook"
 CODEBOOK_FINGERPRINT_KEY = "hlwq.codebook_fingerprint"
@@ -86,16 +77,17 @@ def register(gguf: ModuleType | None = None) -> ModuleType:
     constants = gguf.constants
     if getattr(constants, "_hlwq_registered", False):
         return gguf
-    for name, value in GGML_TYPE_IDS.items():
-        qtype = _extend_int_enum(constants.GGMLQuantizationType, name, value)
-        if name.startswith("Q8_"):
-            size = codec.Q8HLWQ.block_size if name == "Q8_HLWQ" else codec.Q8HLWQ.block_size // 2
-            constants.GGML_QUANT_SIZES.setdefault(qtype, (size, 4 + size))
+    for entry in typetable.GGML_TYPES:
+        qtype = _extend_int_enum(constants.GGMLQuantizationType, entry.name, entry.id)
+        constants.GGML_QUANT_SIZES.setdefault(qtype, (entry.block_size, entry.type_size))
+        if constants.GGML_QUANT_SIZES[qtype] != (entry.block_size, entry.type_size):
+            raise RuntimeError(f"gguf's size for {entry.name} disagrees with hlwq_gguf.typetable")
+        if entry.is_activation:
             continue
-        block_type = codec.BLOCK_TYPES[name]
-        constants.GGML_QUANT_SIZES.setdefault(qtype, (block_type.block_size, block_type.type_size))
-        if constants.GGML_QUANT_SIZES[qtype] != (block_type.block_size, block_type.type_size):
-            raise RuntimeError(f"gguf's size for {name} disagrees with hlwq_gguf.codec")
+        block_type = codec.BLOCK_TYPES[entry.name]
+        if (block_type.block_size, block_type.type_size, block_type.table) != \
+                (entry.block_size, entry.type_size, entry.codebook):
+            raise RuntimeError(f"hlwq_gguf.codec's {entry.name} disagrees with hlwq_gguf.typetable")
         if qtype not in gguf.quants._type_traits:
             _make_quant_class(gguf, block_type, qtype)
     for name, value in FILE_TYPE_IDS.items():

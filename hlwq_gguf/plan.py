@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import typetable
+
 # llama.cpp's --n-cpu-moe regex (common/common.h LLM_FFN_EXPS_REGEX): the routed-expert tensors of a layer.
 # Classifying with the very regex the overrides use keeps "what the plan calls an expert" and "what llama.cpp
 # moves" the same set of tensors.
@@ -39,9 +41,8 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 KV_TYPES: dict[str, tuple[int, int]] = {
     "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
     "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24),
-    "hlwq3": (64, 26), "hlwq4": (64, 34), "hlwq5": (64, 42), "hlwq6": (64, 50),
-    "hlwq3_64": (64, 26), "hlwq4_64": (64, 34), "hlwq5_64": (64, 42), "hlwq6_64": (64, 50),
-}
+} | {t.name.lower().removesuffix("_64"): (t.block_size, t.type_size) for t in typetable.KV_CACHE_TYPES} \
+  | {t.name.lower(): (t.block_size, t.type_size) for t in typetable.KV_CACHE_TYPES}
 # the short names of the HLWQ cache types -> their ggml type names
 KV_TYPE_ALIASES = {"hlwq3": "hlwq3_64", "hlwq4": "hlwq4_64", "hlwq5": "hlwq5_64", "hlwq6": "hlwq6_64"}
 DEFAULT_UBATCH = 512          # llama.cpp's default n_ubatch: the compute buffer is reserved for this many tokens

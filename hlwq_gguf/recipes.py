@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import codec
+from .typetable import FILE_TYPE_OF_RECIPE
 
 
 @dataclass(frozen=True)
@@ -23,16 +24,16 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "hlwq3": Recipe("hlwq3", 100, 3, description="3-bit HLWQ everywhere (3.125 bpw)"),
-    "hlwq4": Recipe("hlwq4", 101, 4, description="4-bit HLWQ everywhere (4.125 bpw)"),
-    "hlwq5": Recipe("hlwq5", 102, 5, description="5-bit HLWQ everywhere (5.125 bpw)"),
-    "hlwq6": Recipe("hlwq6", 103, 6, description="6-bit HLWQ everywhere (6.125 bpw)"),
+    "hlwq3": Recipe("hlwq3", FILE_TYPE_OF_RECIPE["hlwq3"], 3, description="3-bit HLWQ everywhere (3.125 bpw)"),
+    "hlwq4": Recipe("hlwq4", FILE_TYPE_OF_RECIPE["hlwq4"], 4, description="4-bit HLWQ everywhere (4.125 bpw)"),
+    "hlwq5": Recipe("hlwq5", FILE_TYPE_OF_RECIPE["hlwq5"], 5, description="5-bit HLWQ everywhere (5.125 bpw)"),
+    "hlwq6": Recipe("hlwq6", FILE_TYPE_OF_RECIPE["hlwq6"], 6, description="6-bit HLWQ everywhere (6.125 bpw)"),
     "hlwq5_m": Recipe(
-        "hlwq5_m", 104, 5, more_bits_for=("attn_v", "ffn_down", "output"),
+        "hlwq5_m", FILE_TYPE_OF_RECIPE["hlwq5_m"], 5, more_bits_for=("attn_v", "ffn_down", "output"),
         description="HLWQ5 with HLWQ6 for attn_v, ffn_down and the output projection",
     ),
     "hlwq4_m": Recipe(
-        "hlwq4_m", 105, 4, more_bits_for=("attn_v", "ffn_down", "output"),
+        "hlwq4_m", FILE_TYPE_OF_RECIPE["hlwq4_m"], 4, more_bits_for=("attn_v", "ffn_down", "output"),
         description="HLWQ4 with HLWQ6 for attn_v, ffn_down and the output projection",
     ),
 }

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""The HLWQ codebooks: compute the int8-grid tables, and print the C tables for ggml-common.h.
+"""The HLWQ tables: compute the int8-grid codebooks, print their C tables, and write the type table's rows.
 
     python scripts/gen_codebook_tables.py json   # (re)compute the lloyd_int8 tables and the int8 images of the
                                                  # reference tables into hlwq_gguf/data/codebooks.json
     python scripts/gen_codebook_tables.py c      # print every C table (canonical 2..6 bits, reference A/B 3..6)
+    python scripts/gen_codebook_tables.py types [--tree DIR] [--check]
+                                                 # the rows of hlwq_gguf/typetable.py in docs/TYPES.md and, with
+                                                 # --tree, in a patched llama.cpp (ggml.h, llama.h, gguf-py's
+                                                 # constants.py); --check only compares (exit 1 on a difference)
 
 Every kernel multiplies int8 codebook entries with int8 activations (AVX2 maddubs, AVX-512 VNNI, CUDA dp4a), so a
 codebook is an int8 table t and a step: c[k] = fp32(step * t[k]).
@@ -17,11 +21,14 @@ codebook is an int8 table t and a step: c[k] = fp32(step * t[k]).
 """
 import json
 import math
+import re
 import struct
 import sys
 from pathlib import Path
 
-TABLES = Path(__file__).resolve().parents[1] / "hlwq_gguf" / "data" / "codebooks.json"
+REPO = Path(__file__).resolve().parents[1]
+TABLES = REPO / "hlwq_gguf" / "data" / "codebooks.json"
+TYPES_DOC = REPO / "docs" / "TYPES.md"
 CANONICAL = "lloyd_int8"
 C_TABLES = [(CANONICAL, "", (2, 3, 4, 5, 6)), ("reference_A", "a", (3, 4, 5, 6)), ("reference_B", "b", (3, 4, 5, 6))]
 
@@ -170,5 +177,144 @@ def print_c_tables() -> None:
         print(f"GGML_TABLE_BEGIN(float, {name}, {len(bit_widths)})\n    {steps}\nGGML_TABLE_END()\n")
 
 
+class _Rows:
+    """A run of generated lines in a file: the optional header line that opens it, and the rows it consists of."""
+
+    def __init__(self, row: str | None, render, header: str | None = None, closing: str | None = None):
+        self.row, self.render, self.header, self.closing = row and re.compile(row), render, header, closing
+
+    def replace(self, lines: list[str], where: str) -> list[str]:
+        if self.row is None:  # everything from the header line to the closing line
+            try:
+                first = next(i for i, line in enumerate(lines) if self.header in line)
+                last = next(i for i in range(first, len(lines)) if self.closing in lines[i])
+            except StopIteration:
+                raise SystemExit(f"{where}: no {self.header!r} ... {self.closing!r} section") from None
+            return lines[:first] + self.render() + lines[last + 1:]
+        rows = [i for i, line in enumerate(lines) if self.row.search(line)]
+        if not rows:
+            raise SystemExit(f"{where}: no line matches {self.row.pattern!r}")
+        first, last = rows[0], rows[-1]
+        if self.header is not None:
+            headers = [i for i in range(first) if self.header in lines[i]]
+            if not headers:
+                raise SystemExit(f"{where}: no header line {self.header!r} before the rows")
+            first = headers[-1]
+        if any(not (self.row.search(line) or i == first or i == last) for i, line in enumerate(lines[first:last + 1], first)
+               if not line.lstrip().startswith(("//", "#"))):
+            raise SystemExit(f"{where}: the rows of {self.row.pattern!r} are not one run")
+        return lines[:first] + self.render() + lines[last + 1:]
+
+
+def _c_enum_rows(prefix: str, entries, width: int) -> list[str]:
+    return [f"        {(prefix + name).ljust(width)} = {value},{' // ' + note if note else ''}" for name, value, note in entries]
+
+
+def _ggml_type_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return ["        // HLWQ (Hadamard-Lloyd) types: rows generated from hlwq-gguf's type table (docs/TYPES.md); the ids",
+            "        // continue upstream's so that every array indexed by type stays dense"] + \
+        _c_enum_rows("GGML_TYPE_", [(t.name, t.id, t.note) for t in tt.GGML_TYPES], 20) + \
+        [f"        {'GGML_TYPE_COUNT'.ljust(20)} = {tt.GGML_TYPE_COUNT},"]
+
+
+def _ggml_ftype_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return _c_enum_rows("GGML_FTYPE_", [(f.name, f.ggml_ftype_id, f.note) for f in tt.FILE_TYPES if f.ggml_ftype_id], 25)
+
+
+def _llama_ftype_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return _c_enum_rows("LLAMA_FTYPE_", [(f.name, f.id, f.note) for f in tt.FILE_TYPES], 32)
+
+
+def _gguf_py_type_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return ["    # HLWQ (Hadamard-Lloyd) types: rows generated from hlwq-gguf's type table (docs/TYPES.md)"] + \
+        [f"    {t.name.ljust(10)} = {t.id}" for t in tt.GGML_TYPES]
+
+
+def _gguf_py_ftype_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return [f"    {f.name.ljust(20)} = {f.id}  # {f.note}" for f in tt.FILE_TYPES]
+
+
+def _gguf_py_size_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    return [f"    {('GGMLQuantizationType.' + t.name + ':').ljust(32)} ({t.block_size}, "
+            f"{4 if t.is_activation else 2} + {t.type_size - (4 if t.is_activation else 2)})," for t in tt.GGML_TYPES]
+
+
+def _types_doc_rows() -> list[str]:
+    from hlwq_gguf import typetable as tt
+
+    def decodes(t) -> str:
+        if t.is_activation:
+            return f"activation side: `x @ H{t.block_size}` rounded to int8, one fp32 scale"
+        table = "" if t.codebook == "lloyd_int8" else f" on the reference's {t.codebook.replace('_', ' table ')[10:]}"
+        return f"`w = d * (c{t.bits}[code] / sqrt({t.block_size})) @ H{t.block_size}`{table}"
+
+    lines = ["<!-- generated by scripts/gen_codebook_tables.py types from hlwq_gguf/typetable.py -->",
+             "| id | ggml type | block | bits | bytes/block | bpw | decodes as |", "|---:|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {t.id} | `{t.name.lower()}` | {t.block_size} | {t.bits} | {t.type_size} | {t.bits_per_weight:g} | "
+              f"{decodes(t)} |" for t in tt.GGML_TYPES]
+    lines += ["", f"`GGML_TYPE_COUNT` = {tt.GGML_TYPE_COUNT}. File types (`general.file_type`, `llama_ftype`; "
+              "`ggml_ftype` for the single-type ones):", "",
+              "| llama_ftype | ggml_ftype | name | recipe (`--recipe`, llama-quantize) |", "|---:|---:|---|---|"]
+    lines += [f"| {f.id} | {f.ggml_ftype_id if f.ggml_ftype_id is not None else '-'} | `{f.name}` | `{f.recipe}`"
+              f"{': ' + f.note if f.note != 'except 1d tensors' else ''} |" for f in tt.FILE_TYPES]
+    return lines + ["<!-- end of generated rows -->"]
+
+
+def _targets(tree: Path | None) -> list[tuple[Path, list[_Rows]]]:
+    targets = [(TYPES_DOC, [_Rows(None, _types_doc_rows, header="<!-- generated by",
+                                  closing="<!-- end of generated rows -->")])]
+    if tree is not None:
+        targets += [
+            (tree / "ggml/include/ggml.h", [_Rows(r"GGML_TYPE_(Q8_)?HLWQ\w*\s*=|GGML_TYPE_COUNT\s*=", _ggml_type_rows,
+                                                  header="// HLWQ (Hadamard-Lloyd) types"),
+                                            _Rows(r"GGML_FTYPE_MOSTLY_HLWQ\w*\s*=", _ggml_ftype_rows)]),
+            (tree / "include/llama.h", [_Rows(r"LLAMA_FTYPE_MOSTLY_HLWQ\w*\s*=", _llama_ftype_rows)]),
+            (tree / "gguf-py/gguf/constants.py", [
+                _Rows(r"^    (Q8_)?HLWQ\w*\s*=\s*\d+$", _gguf_py_type_rows, header="# HLWQ (Hadamard-Lloyd) types"),
+                _Rows(r"^    MOSTLY_HLWQ\w*\s*=", _gguf_py_ftype_rows),
+                _Rows(r"^    GGMLQuantizationType\.(Q8_)?HLWQ\w*:", _gguf_py_size_rows)]),
+        ]
+    return targets
+
+
+def write_type_rows(tree: Path | None, check: bool) -> int:
+    """Write (or with `check` compare) the type table's rows in docs/TYPES.md and the patched tree's headers."""
+    sys.path.insert(0, str(REPO))
+    stale = []
+    for path, runs in _targets(tree):
+        lines = path.read_text().split("\n")
+        new = lines
+        for run in runs:
+            new = run.replace(new, str(path))
+        if new != lines:
+            stale.append(path)
+            if not check:
+                path.write_text("\n".join(new))
+    for path in stale:
+        print(f"{path}: {'differs from' if check else 'rewritten from'} hlwq_gguf/typetable.py")
+    return 1 if check and stale else 0
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "c"
+    if command == "types":
+        tree = Path(argv[argv.index("--tree") + 1]) if "--tree" in argv else None
+        return write_type_rows(tree, check="--check" in argv)
+    {"json": update_json, "c": print_c_tables}[command]()
+    return 0
+
+
 if __name__ == "__main__":
-    {"json": update_json, "c": print_c_tables}[sys.argv[1] if len(sys.argv) > 1 else "c"]()
+    sys.exit(main(sys.argv[1:]))
