@@ -11,7 +11,22 @@ LLAMA_CPP_BUILD_NUMBER = 11312
 LLAMA_CPP_COMMIT = "0c1e57098"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PATCH_DIR = REPO_ROOT / "ggml_patch"
+
+
+def _patch_dir() -> Path:
+    """ggml_patch/ of the checkout, or the copy a regular (non-editable) install puts beside the package."""
+    checkout = REPO_ROOT / "ggml_patch"
+    if checkout.is_dir():
+        return checkout
+    import importlib.util
+
+    spec = importlib.util.find_spec("ggml_patch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the HLWQ patch series (ggml_patch/) is not installed with hlwq-gguf")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+PATCH_DIR = _patch_dir()
 
 
 def cache_root() -> Path:

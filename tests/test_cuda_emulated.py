@@ -50,8 +50,9 @@ def emulator_sources(tree: Path, target: Path) -> None:
 @pytest.fixture(scope="module")
 def emulator(llama_build) -> Path:
     tree = upstream.patched_tree()
+    # the whole series, not only the kernel files: the harness compiles against ggml.h's type ids and ggml-common.h
     digest = hashlib.sha256(b"".join(
-        [(tree / "ggml/src/ggml-cuda" / n).read_bytes() for n in [*KERNEL_FILES, "fattn-common.cuh"]]
+        [upstream.patch_series_hash().encode()]
         + [p.read_bytes() for p in sorted(HERE.rglob("*")) if p.is_file()])).hexdigest()[:16]
     work = paths.cache_root() / "cuda-emu" / digest
     binary = work / "hlwq_emu_test"
