@@ -170,4 +170,10 @@ def test_backend_ops_cpu(llama_build):
     assert result.returncode == 0, out[-4000:]
     for op in ("MUL_MAT(", "MUL_MAT_ID(", "GET_ROWS(", "SET_ROWS(", "CPY(", "FLASH_ATTN_EXT("):
         assert any(op in line and "hlwq" in line and "OK" in line for line in out.splitlines()), f"no passing {op} hlwq test"
+    # 75 queries: the tiled prompt path (64-query tiles, one partial) against the reference one-query path, also
+    # with K and V of two different HLWQ types
+    tiled = [line for line in out.splitlines() if "FLASH_ATTN_EXT(" in line and "nb=75" in line and "type_K=hlwq" in line
+             and "type_V=hlwq" in line and "OK" in line]
+    assert any("type_K=hlwq4_64" in line and "type_V=hlwq3_64" in line for line in tiled), "no tiled K/V pair case"
+    assert len(tiled) >= 20
     assert "FAIL" not in out
