@@ -47,6 +47,11 @@ KV_TYPES: dict[str, tuple[int, int]] = {
 KV_TYPE_ALIASES = {"hlwq3": "hlwq3_64", "hlwq4": "hlwq4_64", "hlwq5": "hlwq5_64", "hlwq6": "hlwq6_64"}
 DEFAULT_UBATCH = 512          # llama.cpp's default n_ubatch: the compute buffer is reserved for this many tokens
 CTX_PAD = 256                 # llama_context pads n_ctx (and each SWA cache) to a multiple of 256 cells
+# architecture -> (n_pattern, dense_first) of llama.cpp's load_swa_pattern where the GGUF has no per-layer pattern:
+# layer il slides unless il % n_pattern == n_pattern - 1 (dense_first: == 0); 0 = every layer slides
+SWA_PATTERNS = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
+                "cohere2": (4, False), "gpt-oss": (2, False), "exaone4": (4, False), "olmo2": (4, False),
+                "llama4": (4, False), "afmoe": (4, False), "smallthinker": (4, True)}
 DEFAULT_RESERVE = 512 * 2**20  # CUDA context, cuBLAS workspace and allocator slack that llama.cpp does not count
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
@@ -220,7 +225,13 @@ def _layout(path: Path, reader) -> ModelLayout:
         raise PlanError(f"{path}: {e}") from None
     n_swa = int(hp("attention.sliding_window", 0) or 0)
     if n_swa and not any(sliding):
-        sliding = [True] * n_layer_all  # a window without a pattern: every layer slides (Mistral-style)
+        # llama.cpp's per-architecture pattern (load_swa_pattern), which a scalar pattern key overrides; without
+        # one, every layer slides (Mistral-style)
+        n_pattern, dense_first = SWA_PATTERNS.get(arch, (0, False))
+        if isinstance(swa_pattern, int):
+            n_pattern = swa_pattern
+        sliding = [n_pattern == 0 or (il % n_pattern != 0 if dense_first else il % n_pattern < n_pattern - 1)
+                   for il in range(n_layer_all)]
     head_k = int(hp("attention.key_length", 0) or (n_embd // max(n_head, 1)))
     head_v = int(hp("attention.value_length", 0) or head_k)
     head_k_swa = int(hp("attention.key_length_swa", 0) or head_k)

@@ -272,3 +272,34 @@ def test_converter_types_match_llama_quantize(llama_build, moe, tmp_path):
     types_q = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(quantized.output)).tensors}
     types_c = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(moe.gguf)).tensors}
     assert types_q == types_c
+
+
+@pytest.mark.parametrize("arch, pattern_key, full_layers", [
+    ("gemma3", None, [5, 11]),             # llama.cpp's default for Gemma-3: five local layers, then one global
+    ("gemma2", None, [1, 3, 5, 7, 9, 11]),
+    ("gemma3", 4, [3, 7, 11]),             # a scalar pattern key overrides the default
+    ("llama", None, []),                   # a window without a pattern: every layer slides (Mistral-style)
+])
+def test_sliding_layers_follow_llama_cpp_s_patterns(tmp_path, arch, pattern_key, full_layers):
+    """Which layers slide where the GGUF has no per-layer pattern (llama.cpp's load_swa_pattern per architecture).
+    Gemma-3-270M's KV bench had counted all 18 layers as sliding, 15 % too few KV bytes at ctx 2048."""
+    import gguf
+
+    path = tmp_path / f"{arch}.gguf"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(12)
+    writer.add_embedding_length(64)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_feed_forward_length(128)
+    writer.add_sliding_window(16)
+    if pattern_key is not None:
+        writer.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern_key)
+    for il in range(12):
+        writer.add_tensor(f"blk.{il}.attn_k.weight", np.zeros((32, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    layout = planner.read_layout(path)
+    assert [layer.index for layer in layout.attention if not layer.sliding] == full_layers
