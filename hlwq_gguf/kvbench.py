@@ -7,7 +7,8 @@ KL-divergence against the f16-cache run of the same weights. llama-bench measure
 cache depth of `depth` tokens. The HLWQ types rotate each 64-value block themselves and opt out of llama.cpp's
 graph rotation; `hlwq3+rot` / `hlwq4+rot` keep the graph rotation on top (LLAMA_ATTN_ROT_HLWQ=1), which is how the
 choice was measured. In the layers with a key bias the patched llama.cpp stores every quantized K centered
-(hlwq_gguf.kvcache); `+raw` variants store it as upstream does. Also: bits per value and KV bytes per token of each type, and the longest context a 4 GiB
+(hlwq_gguf.kvcache); `+raw` variants store it as upstream does, and `+km` variants run on the same weights with
+every layer's mean key measured (hlwq_gguf.kvcalib), which llama.cpp then centers K on in every layer. Also: bits per value and KV bytes per token of each type, and the longest context a 4 GiB
 cache holds for the seed models' attention shapes (from their config.json).
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ KV_VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 # a variant name ending in this runs on K-smoothed weights (convert/equalize.py's _smooth_keys)
 SMOOTHED_SUFFIX = "+sk"
+# ... or in this, on the same weights with every layer's mean key measured (hlwq_gguf.kvcalib), which the patched
+# llama.cpp centers a quantized K on in every layer, with or without a key bias
+KEY_MEANS_SUFFIX = "+km"
 # ... and in this (before any +sk), with K stored as is: the patched llama.cpp centers a quantized K in the layers
 # with a key bias (hlwq_gguf.kvcache), LLAMA_KV_K_CENTER=0 is upstream's behaviour
 RAW_K_SUFFIX = "+raw"
@@ -149,11 +153,23 @@ def _smoothed_weights(build, reference: Path, workdir: Path, log) -> Path:
     return weights
 
 
-def variant(name: str) -> tuple[str, str, dict[str, str], bool]:
-    """(K type, V type, environment, on K-smoothed weights) of a KV variant name: a KV_VARIANTS name or a K/V pair
-    of cache types, then optionally RAW_K_SUFFIX (K not centered), then optionally SMOOTHED_SUFFIX."""
-    smoothed = name.endswith(SMOOTHED_SUFFIX)
-    base = name[:-len(SMOOTHED_SUFFIX)] if smoothed else name
+def _key_mean_weights(plain: Path, workdir: Path, threads: int, log) -> Path:
+    """The Q8_0 weights with every layer's mean key measured on the calibration text (hlwq_gguf.kvcalib)."""
+    from . import kvcalib
+
+    weights = workdir / "Q8_0-kmean.gguf"
+    if not weights.exists():
+        log("mean keys on the calibration text")
+        kvcalib.calibrate(plain, weights, threads=threads, progress=False)
+    return weights
+
+
+def variant(name: str) -> tuple[str, str, dict[str, str], str]:
+    """(K type, V type, environment, weights suffix) of a KV variant name: a KV_VARIANTS name or a K/V pair of
+    cache types, then optionally RAW_K_SUFFIX (K not centered), then optionally SMOOTHED_SUFFIX or KEY_MEANS_SUFFIX
+    (which weights it runs on; "" for the plain ones)."""
+    weights = next((suffix for suffix in (SMOOTHED_SUFFIX, KEY_MEANS_SUFFIX) if name.endswith(suffix)), "")
+    base = name[:len(name) - len(weights)]
     raw = base.endswith(RAW_K_SUFFIX)
     base = base[:-len(RAW_K_SUFFIX)] if raw else base
     halves = base.split("/")
@@ -164,8 +180,8 @@ def variant(name: str) -> tuple[str, str, dict[str, str], bool]:
     else:
         raise ValueError(f"unknown KV variant {name!r}; known: {', '.join(KV_VARIANTS)}, any K/V pair of "
                          f"{', '.join(plan.KV_TYPES)} (each also with {RAW_K_SUFFIX} for K stored uncentered and "
-                         f"{SMOOTHED_SUFFIX} for K-smoothed weights)")
-    return type_k, type_v, {**env, **(_RAW_K if raw else {})}, smoothed
+                         f"{SMOOTHED_SUFFIX} for K-smoothed weights or {KEY_MEANS_SUFFIX} for measured mean keys)")
+    return type_k, type_v, {**env, **(_RAW_K if raw else {})}, weights
 
 
 def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, variants: tuple[str, ...] | None = None,
@@ -180,10 +196,13 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     if "f16" not in names:
         names.insert(0, "f16")
     plain, reference, workdir = _weights(build, model, log)
-    smoothed = _smoothed_weights(build, reference, workdir, log) if any(variant(n)[3] for n in names) else None
-    weights_of = {name: smoothed if variant(name)[3] else plain for name in names}
-    text = textdata.measurement_text_file()
     threads = threads or llama_tools.default_threads()
+    suffixes = {variant(n)[3] for n in names}
+    smoothed = _smoothed_weights(build, reference, workdir, log) if SMOOTHED_SUFFIX in suffixes else None
+    key_means = _key_mean_weights(plain, workdir, threads, log) if KEY_MEANS_SUFFIX in suffixes else None
+    weights_of = {name: {"": plain, SMOOTHED_SUFFIX: smoothed, KEY_MEANS_SUFFIX: key_means}[variant(name)[3]]
+                  for name in names}
+    text = textdata.measurement_text_file()
     layout = plan.read_layout(plain)
     uncentered = {name: variant(name)[2].get("LLAMA_KV_K_CENTER") == "0" for name in names}
     kept_in = {(w, raw): kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT, n_ctx=None if raw else ctx)
@@ -233,7 +252,8 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "seed-configs"
     weights_note = f"{plain.name} (Q8_0 weights, the same for every cache type" + \
-        (f"; {SMOOTHED_SUFFIX}: {smoothed.name}, the same after K smoothing)" if smoothed else ")")
+        (f"; {SMOOTHED_SUFFIX}: {smoothed.name}, the same after K smoothing" if smoothed else "") + \
+        (f"; {KEY_MEANS_SUFFIX}: {key_means.name}, the same with mean keys measured" if key_means else "") + ")"
     result = KVBenchResult(model=model, weights=weights_note, ctx=ctx,
                            chunks=chunks, depth=depth, text=text.name, results=list(results.values()),
                            max_context_4gib=seed_max_context(shared), seconds=time.time() - started,

@@ -12,9 +12,11 @@ norm's gain). On Qwen2.5-Coder-1.5B the four layers that wreck it score 29-2215 
 
 K centering: subtracting one constant vector c from every cached key shifts every score of a query by the same
 q . c, so attention does not change; llama.cpp (the K-centering patch) stores k - c in a quantized K cache, with c
-the mean over the cache's positions of the key bias after RoPE (`center`). A bias of a few hundred on the
-lowest-frequency RoPE pairs barely turns over the context and is almost all removed; the rule then weighs what is
-left of the bias (`center`'s second result).
+the mean over the cache's positions of the keys' constant part after RoPE (`center`): the mean key measured on
+text where the file has one (`blk.N.attn_k_mean`, hlwq_gguf.kvcalib; it includes the bias), else the key bias. A
+bias of a few hundred on the lowest-frequency RoPE pairs barely turns over the context and is almost all removed;
+the rule then weighs what is left of that constant part (`center`'s second result). A sliding-window layer is
+centered over the whole context too: its cells hold only the last window, but c must be one constant for all of it.
 """
 from __future__ import annotations
 
@@ -89,20 +91,27 @@ def _rope(reader) -> dict:
     head_dim = field(f"{arch}.attention.key_length") or (n_embd // n_head if n_embd and n_head else None)
     scaling = field(f"{arch}.rope.scaling.type", "none")
     factor = field(f"{arch}.rope.scaling.factor", 0.0) or 0.0
+    freq_base = field(f"{arch}.rope.freq_base", 10000.0)
     return {"head_dim": head_dim, "n_rot": field(f"{arch}.rope.dimension_count", head_dim),
-            "freq_base": field(f"{arch}.rope.freq_base", 10000.0), "neox": arch in ROPE_NEOX_ARCHITECTURES,
+            "freq_base": freq_base, "freq_base_swa": field(f"{arch}.rope.freq_base_swa", freq_base),
+            "neox": arch in ROPE_NEOX_ARCHITECTURES,
             "freq_scale": 1.0 / factor if scaling == "linear" and factor else 1.0}
 
 
 def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[int, float]:
-    """outlier_ratio of every layer of a GGUF that has a separate K weight, K bias and attention norm, for a cache
-    centered for n_ctx positions (None: not centered, LLAMA_KV_K_CENTER=0)."""
-    from . import gguf_types
+    """outlier_ratio of every layer of a GGUF that has a separate K weight, attention norm and a constant part of its
+    keys (a measured mean key, else a K bias), for a cache centered for n_ctx positions (None: not centered,
+    LLAMA_KV_K_CENTER=0). Sliding-window layers turn with the file's rope.freq_base_swa where it has one."""
+    from . import gguf_types, plan
 
     gguf = gguf_types.register()
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     rope = _rope(reader)
+    try:
+        sliding = {layer.index for layer in plan.read_layout(path).attention if layer.sliding}
+    except ValueError:  # a layout the plan cannot read: no sliding layers known
+        sliding = set()
 
     def values(name: str) -> np.ndarray:
         tensor = tensors[name]
@@ -112,14 +121,18 @@ def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[
     ratios = {}
     layer = 0
     while f"blk.{layer}.attn_norm.weight" in tensors or f"blk.{layer}.attn_k.weight" in tensors:
-        names = [f"blk.{layer}.attn_k.weight", f"blk.{layer}.attn_k.bias", f"blk.{layer}.attn_norm.weight"]
+        offset = next((name for name in (f"blk.{layer}.attn_k_mean", f"blk.{layer}.attn_k.bias") if name in tensors),
+                      None)
+        names = [f"blk.{layer}.attn_k.weight", offset, f"blk.{layer}.attn_norm.weight"]
         if all(name in tensors for name in names):
             weight, bias, gain = (values(name) for name in names)
             if weight.ndim == 2 and bias.shape == (weight.shape[0],) and gain.shape == (weight.shape[1],) \
                     and weight.shape[0] % BLOCK == 0:
                 seen = None
                 if n_ctx is not None and rope["head_dim"] and bias.size % rope["head_dim"] == 0:
-                    seen = center(bias, rope["head_dim"], rope["n_rot"], rope["freq_base"], n_ctx, rope["neox"],
+                    swa = layer in sliding
+                    seen = center(bias, rope["head_dim"], rope["n_rot"],
+                                  rope["freq_base_swa"] if swa else rope["freq_base"], n_ctx, rope["neox"],
                                   rope["freq_scale"])[1]
                 ratios[layer] = outlier_ratio(weight, bias, gain, seen)
         layer += 1
@@ -142,6 +155,51 @@ def safe_k_layers(path: str | Path, limit: float | None = None, n_ctx: int | Non
 
 def is_hlwq(kv_type: str) -> bool:
     return kv_type.lower().startswith("hlwq")
+
+
+# the K type `--kv` gives with an HLWQ type of fewer bits: K carries the scores, which softmax sharpens, and a 3-bit K
+# has 2.7-4.5x a 4-bit K's KL divergence on SmolLM2-135M and Gemma-3-270M (hlwq3 against hlwq4/hlwq3 V, with or
+# without mean keys: 0.144 against 0.064 and 0.231 against 0.080 with them; docs/BENCHMARKS.md), above 0.1 on both,
+# while V's bits are cheap (hlwq4/hlwq3 against hlwq4: 1.1-1.8x)
+LOW_BIT_K_FLOOR = "hlwq4"
+
+
+def _hlwq_bits(kv_type: str) -> int:
+    return int(kv_type.lower().removeprefix("hlwq").split("_")[0])
+
+
+def kv_pair(kv_type: str, path: str | Path | None = None) -> tuple[str, str, str | None]:
+    """(K type, V type, note) that hlwq-gguf's `--kv kv_type` means for the GGUF at `path`: kv_type for both, except
+    that an HLWQ type under LOW_BIT_K_FLOOR's bits keeps K at LOW_BIT_K_FLOOR, and the note (one line) says so;
+    `--kv-k` sets K as given. An MLA cache stores V as a view of K, so there both stay kv_type."""
+    if not is_hlwq(kv_type) or _hlwq_bits(kv_type) >= _hlwq_bits(LOW_BIT_K_FLOOR):
+        return kv_type, kv_type, None
+    if path is not None:
+        from . import plan
+
+        try:
+            if all(layer.v_width == 0 for layer in plan.read_layout(path).attention):
+                return kv_type, kv_type, None
+        except ValueError:  # a layout the plan cannot read: the open or the plan says why
+            pass
+    return LOW_BIT_K_FLOOR, kv_type, (
+        f"K is {LOW_BIT_K_FLOOR} with a {kv_type} V: a {_hlwq_bits(kv_type)}-bit K has 2.7-4.5x the KL divergence of a "
+        f"4-bit one on SmolLM2-135M and Gemma-3-270M (--kv-k {kv_type} forces it)")
+
+
+def calibration_hint(path: str | Path, type_k: str) -> str | None:
+    """One line for a quantized K cache on a GGUF that gives llama.cpp nothing to center K on in any layer (no
+    measured mean keys, no key bias): `hlwq-gguf kv-calibrate` adds them; None otherwise."""
+    from . import gguf_types
+
+    if type_k.lower() in ("f16", "f32", "bf16"):
+        return None
+    names = {t.name for t in gguf_types.register().GGUFReader(str(path)).tensors}
+    if any(name.endswith((".attn_k_mean", ".attn_k.bias")) for name in names):
+        return None
+    return (f"{Path(path).name} has no mean keys, so llama.cpp stores the {type_k} K uncentered: `hlwq-gguf "
+            f"kv-calibrate {Path(path).name} OUT.gguf` adds them (a 4-bit K's KL divergence falls 26-29 % on "
+            f"SmolLM2-135M and Gemma-3-270M)")
 
 
 def k_type_note(path: str | Path, kv_type: str, n_ctx: int | None = DEFAULT_CONTEXT) -> str | None:

@@ -196,13 +196,17 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     from . import kvcache
 
     llama_cpp = llama_cpp_module()
-    type_k = kv_type_k or kv_type
-    type_v = kv_type_v or kv_type
-    kv_note = None
+    pair_k, pair_v, pair_note = kvcache.kv_pair(kv_type, path) if kv_type is not None else (None, None, None)
+    type_k = kv_type_k or pair_k
+    type_v = kv_type_v or pair_v
+    notes = [pair_note] if kv_type_k is None and pair_note else []
     if kv_type_k is not None and kvcache.is_hlwq(kv_type_k):
         os.environ["LLAMA_KV_HLWQ_K_OUTLIER"] = "0"
     elif type_k is not None:
-        kv_note = kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT)
+        notes.append(kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT))
+    if type_k is not None and kvcache.is_hlwq(type_k):
+        notes.append(kvcache.calibration_hint(path, type_k))
+    kv_note = "; ".join(note for note in notes if note) or None
     for key, name in (("type_k", type_k), ("type_v", type_v)):
         if name is not None:
             kwargs.setdefault(key, ggml_type_id(name))

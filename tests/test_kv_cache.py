@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from hlwq_gguf import llama_tools, runtime, textdata
+from hlwq_gguf import kvcache, llama_tools, runtime, textdata
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_generation_with_an_hlwq_cache(smollm2_q8, kv_type):
     """llama-cpp-python with type_k/type_v set to the HLWQ types (flash attention switched on for the quantized V):
     greedy generation follows the f16 cache's, word for word (None: the whole continuation)."""
     def continuations(cache):
-        llm = runtime.open_model(smollm2_q8, n_ctx=512, kv_type=cache)
+        llm = runtime.open_model(smollm2_q8, n_ctx=512, kv_type_k=cache, kv_type_v=cache)  # --kv hlwq3: hlwq4 K
         return [llm.create_completion(prompt, max_tokens=16, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
                 for prompt in GENERATION_PROMPTS]
 
@@ -83,3 +83,16 @@ def test_full_cache_is_llama_cpp_s_normal_error(smollm2_q8, llama_build):
                            stdin=subprocess.DEVNULL, timeout=600)
     assert shift.returncode == 0, shift.stderr[-2000:]
     assert "context full" not in shift.stderr
+
+
+def test_kv_shorthand_keeps_a_4_bit_k_under_a_3_bit_v(smollm2_q8):
+    """`--kv hlwq3` (kv_type) means K hlwq4 / V hlwq3 and says so in one line; --kv-k hlwq3 (kv_type_k) forces it."""
+    assert kvcache.kv_pair("hlwq4") == ("hlwq4", "hlwq4", None)
+    assert kvcache.kv_pair("q4_0") == ("q4_0", "q4_0", None)
+    type_k, type_v, note = kvcache.kv_pair("hlwq3")
+    assert (type_k, type_v) == ("hlwq4", "hlwq3") and "--kv-k hlwq3 forces it" in note and "\n" not in note
+    said = runtime.open_model(smollm2_q8, n_ctx=256, kv_type="hlwq3").kv_note
+    forced = runtime.open_model(smollm2_q8, n_ctx=256, kv_type="hlwq3", kv_type_k="hlwq3").kv_note
+    assert said.startswith(note) and "K is hlwq4" not in forced
+    # this file has no mean keys: both also say how to add them (tests/test_kv_calibration.py)
+    assert all("kv-calibrate" in line and "\n" not in line for line in (said, forced))

@@ -273,14 +273,16 @@ def test_cli_says_which_layers_and_plans_their_size(biased_llama):
 
 
 def test_kv_bench_scores_smoothed_weights_against_the_plain_f16_cache(llama_build, tmp_path):
-    """`hlwq-gguf bench --kv` variants with the +sk suffix run on K-smoothed weights; on SmolLM2 (llama, RoPE on
+    """`hlwq-gguf bench --kv` variants with the +sk suffix run on K-smoothed weights (+km: with measured mean keys); on SmolLM2 (llama, RoPE on
     adjacent channel pairs, no key biases) the smoothed weights with an f16 cache compute the plain ones' function."""
     from hlwq_gguf import kvbench
 
-    result = kvbench.run_kv_bench("smollm2-135m", tmp_path, variants=("f16+sk", "hlwq4", "hlwq4+sk"), ctx=256,
-                                  chunks=2, rounds=0, log=lambda *_: None)
+    result = kvbench.run_kv_bench("smollm2-135m", tmp_path, variants=("f16+sk", "hlwq4", "hlwq4+sk", "hlwq4+km"),
+                                  ctx=256, chunks=2, rounds=0, log=lambda *_: None)
     rows = {r.name: r for r in result.results}
-    assert list(rows) == ["f16", "f16+sk", "hlwq4", "hlwq4+sk"]
+    assert list(rows) == ["f16", "f16+sk", "hlwq4", "hlwq4+sk", "hlwq4+km"]
+    # +km: the same weights with their mean keys measured, which llama.cpp centers K on (tests/test_kv_calibration.py)
+    assert rows["hlwq4+km"].kld_mean < rows["hlwq4"].kld_mean and "Q8_0-kmean.gguf" in result.weights
     # Q8_0's block scales absorb the row scales up to their f16 rounding, which SmolLM2's attention notices:
     # rescaling every q/k row by a uniform 1.37 moves its Q8_0 KLD by 0.0041 (measured); in float it is 1e-6
     assert rows["f16+sk"].kld_mean < 0.01

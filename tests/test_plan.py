@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from convert import convert_checkpoint
 from hlwq_gguf import plan as planner
-from hlwq_gguf import runtime
+from hlwq_gguf import kvcache, runtime
 from hlwq_gguf.cli import main as cli_main
 from hlwq_gguf.testing.tiny_seeds import MOE_TEST_FAMILIES
 
@@ -132,7 +132,8 @@ def test_kv_and_compute_sizes_match_llama_cpp(llama_build, moe, kv_type, capfd):
     log = capfd.readouterr().err
     reported = sum(float(m) for m in KV_LOG.findall(log))
     assert reported > 0, log[-2000:]
-    assert planner.kv_cache_bytes(moe.layout, n_ctx, kv_type) / MiB == pytest.approx(reported, abs=0.01)
+    type_k, type_v, _ = kvcache.kv_pair(kv_type, moe.gguf)  # hlwq3: K is hlwq4 (not for MLA)
+    assert planner.kv_cache_bytes(moe.layout, n_ctx, type_k, type_v) / MiB == pytest.approx(reported, abs=0.01)
     if kv_type == "f16":  # without flash attention, as llama.cpp ran it here
         measured = float(COMPUTE_LOG.findall(log)[-1])
         estimate = planner.compute_buffer_bytes(moe.layout, n_ctx, flash_attn=False) / MiB

@@ -10,6 +10,7 @@ from . import build as build_cmd
 from . import convert as convert_cmd
 from . import demo as demo_cmd
 from . import dump as dump_cmd
+from . import kv_calibrate as kv_calibrate_cmd
 from . import plan as plan_cmd
 from . import run as run_cmd
 
@@ -31,6 +32,7 @@ main.add_command(build_cmd.build)
 main.add_command(convert_cmd.convert)
 main.add_command(demo_cmd.demo)
 main.add_command(dump_cmd.dump_command)
+main.add_command(kv_calibrate_cmd.kv_calibrate)
 main.add_command(plan_cmd.plan)
 main.add_command(run_cmd.run)
 main.add_command(run_cmd.chat)

@@ -36,12 +36,16 @@ from hlwq_gguf import recipes, upstream
 @click.option("--target-bpw", type=float, default=None, metavar="BPW",
               help="Instead of --type: HLWQ bits per tensor for this many bits per quantized-matrix weight, from the "
                    "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")
+@click.option("--kv-calibrate", is_flag=True,
+              help="Then measure every layer's mean key on the calibration text and add it (hlwq-gguf kv-calibrate): "
+                   "llama.cpp centers a quantized K cache on it, which halves a 4-bit K's error on models without a "
+                   "key bias (a few seconds per 100M weights).")
 @click.option("--mmproj/--no-mmproj", default=None,
               help="Write the vision projector (F16) beside OUTPUT as mmproj-<name>-f16.gguf. Default: when the "
                    "checkpoint has vision tower weights.")
 def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, threads: int | None,
             codebook: str | None, keep_unquantized: bool, equalize: bool, imatrix: str | None,
-            smooth_keys: bool | None, mmproj: bool | None, target_bpw: float | None) -> None:
+            smooth_keys: bool | None, kv_calibrate: bool, mmproj: bool | None, target_bpw: float | None) -> None:
     """Convert SOURCE (a checkpoint folder, Hugging Face hub id or full-precision GGUF) to OUTPUT (.gguf).
 
     A BF16/F16 checkpoint is quantized; a PolarQuant/HLWQ code checkpoint is imported with its codes copied bit for bit.
@@ -68,6 +72,14 @@ def convert(source: str, output: str, recipe: str, quiet: bool, verbose: bool, t
         click.echo(f"K smoothing moved K's outlier channels into Q in {report.smoothed_layers} layers (exact in float)")
     if report.equalized_tensors:
         click.echo(f"equalization and smoothing rescaled {report.equalized_tensors} tensors (exact in float)")
+    if kv_calibrate:
+        from hlwq_gguf import kvcalib
+
+        try:
+            key_means = kvcalib.calibrate(report.output, report.output, threads=threads, progress=not quiet)
+        except (kvcalib.CalibrationError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"mean keys of {len(key_means.means)} layers over {key_means.tokens} tokens added (K centering)")
     if report.mmproj_error:
         click.echo(f"warning: no vision projector written: {report.mmproj_error}", err=True)
     if report.mmproj:

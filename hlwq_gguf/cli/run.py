@@ -14,8 +14,9 @@ def _model_options(command):
         click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True, help="Context size (tokens)."),
         click.option("--vram", default=None, help="GPU memory budget (e.g. 24GiB): plan which MoE experts stay in RAM."),
         click.option("--kv", "kv_type", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,
-                     help="KV-cache type for K and V (default f16); with hlwq3/hlwq4, K stays q8_0 in the layers "
-                          "whose key bias a low-bit code would wreck, and a line says which."),
+                     help="KV-cache type for K and V (default f16); with hlwq3 K is hlwq4 (a 3-bit K costs 3-4x the "
+                          "KL divergence), and with an HLWQ K, K stays q8_0 in the layers whose key bias a low-bit "
+                          "code would wreck; a line says so."),
         click.option("--kv-k", "kv_type_k", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,
                      help="K's type as given, in every layer (overrides --kv)."),
         click.option("--kv-v", "kv_type_v", type=click.Choice(list(plan.KV_TYPES), case_sensitive=False), default=None,

@@ -1,0 +1,26 @@
+"""`hlwq-gguf kv-calibrate`: add every layer's measured mean key to a GGUF, which llama.cpp's K centering uses."""
+from __future__ import annotations
+
+import click
+
+
+@click.command(name="kv-calibrate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text (UTF-8); default: hlwq-gguf's calibration text, which no benchmark scores on.")
+@click.option("--chunks", type=click.IntRange(min=1), default=8, show_default=True, help="Chunks of text to run.")
+@click.option("--chunk-tokens", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all).")
+def kv_calibrate(model: str, output: str, text: str | None, chunks: int, chunk_tokens: int,
+                 threads: int | None) -> None:
+    """Measure MODEL's mean key before RoPE in every layer and write OUTPUT, the same GGUF with them added
+    (blk.N.attn_k_mean). The patched llama.cpp then stores a quantized K cache minus that mean, which leaves
+    attention unchanged and halves a 4-bit K's error on models without a key bias. OUTPUT may be MODEL."""
+    from hlwq_gguf import kvcalib
+
+    try:
+        result = kvcalib.calibrate(model, output, text=text, chunks=chunks, chunk_tokens=chunk_tokens, threads=threads)
+    except (kvcalib.CalibrationError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{output}: mean keys of {len(result.means)} layers over {result.tokens} tokens of {result.text}")
