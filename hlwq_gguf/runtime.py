@@ -178,6 +178,21 @@ def ggml_type_id(name: str) -> int:
     return int(gguf_types.register().GGMLQuantizationType[name.upper()])
 
 
+@contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set inside the block and restored after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 1, verbose: bool = False,
                overrides=None, vram: int | str | None = None, kv_type: str | None = None,
                kv_type_k: str | None = None, kv_type_v: str | None = None, **kwargs):
@@ -188,9 +203,10 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     placement planner (hlwq_gguf.plan) chooses which layers' routed experts stay in system RAM, every layer is
     offloaded (n_gpu_layers=-1) and the plan's overrides come after any explicit ones; the plan is attached as
     `.placement_plan`. kv_type: KV-cache type for K and V by name (f16, q8_0, ...); a quantized V cache needs
-    flash attention, which is then switched on. With an HLWQ K type, llama.cpp keeps K at q8_0 in the layers whose
-    key bias a low-bit code would wreck (hlwq_gguf.kvcache); `.kv_note` says which, or is None. kv_type_k /
-    kv_type_v: the user's types for K and V, taken as they are (LLAMA_KV_HLWQ_K_OUTLIER=0 for this process when K
+    flash attention, which is then switched on; hlwq3 keeps K at hlwq4 (kvcache.kv_pair). With an HLWQ K type,
+    llama.cpp keeps K at q8_0 in the layers whose key bias a low-bit code would wreck (hlwq_gguf.kvcache); `.kv_note`
+    (one line, or None) says so, and what kvcache.calibration_hint says of a file without mean keys. kv_type_k /
+    kv_type_v: the user's types for K and V, taken as they are (LLAMA_KV_HLWQ_K_OUTLIER=0 while the cache is made when K
     is HLWQ). Without these arguments the behaviour is llama-cpp-python's.
     """
     from . import kvcache
@@ -200,9 +216,8 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     type_k = kv_type_k or pair_k
     type_v = kv_type_v or pair_v
     notes = [pair_note] if kv_type_k is None and pair_note else []
-    if kv_type_k is not None and kvcache.is_hlwq(kv_type_k):
-        os.environ["LLAMA_KV_HLWQ_K_OUTLIER"] = "0"
-    elif type_k is not None:
+    forced_k = {"LLAMA_KV_HLWQ_K_OUTLIER": "0"} if kv_type_k is not None and kvcache.is_hlwq(kv_type_k) else {}
+    if not forced_k and type_k is not None:
         notes.append(kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT))
     if type_k is not None and kvcache.is_hlwq(type_k):
         notes.append(kvcache.calibration_hint(path, type_k))
@@ -223,7 +238,7 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
         kwargs.setdefault("n_gpu_layers", -1)
         kwargs.setdefault("swa_full", False)  # what the plan sized (llama-cpp-python's default is the full SWA cache)
     c_overrides = tensor_overrides(entries) if entries else None
-    with _model_params_with(c_overrides):
+    with _model_params_with(c_overrides), _environment(forced_k):  # llama.cpp reads it when it makes the cache
         model = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), seed=seed,
                                 verbose=verbose, **kwargs)
     model.tensor_overrides = c_overrides  # keeps the array and pattern strings alive as long as the model

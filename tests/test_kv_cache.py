@@ -3,6 +3,7 @@ rotation choice, and a full cache. Kernel-level coverage (CPY/SET_ROWS/GET_ROWS/
 64/128/256/512/576) is test-backend-ops' (tests/test_ggml_kernels.py::test_backend_ops_cpu)."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import numpy as np
@@ -85,8 +86,10 @@ def test_full_cache_is_llama_cpp_s_normal_error(smollm2_q8, llama_build):
     assert "context full" not in shift.stderr
 
 
-def test_kv_shorthand_keeps_a_4_bit_k_under_a_3_bit_v(smollm2_q8):
-    """`--kv hlwq3` (kv_type) means K hlwq4 / V hlwq3 and says so in one line; --kv-k hlwq3 (kv_type_k) forces it."""
+def test_kv_shorthand_keeps_a_4_bit_k_under_a_3_bit_v(smollm2_q8, monkeypatch):
+    """`--kv hlwq3` (kv_type) means K hlwq4 / V hlwq3 and says so in one line; --kv-k hlwq3 (kv_type_k) forces it,
+    switching the K-outlier rule off for that model's cache only (it once stayed off for the rest of the process)."""
+    monkeypatch.delenv("LLAMA_KV_HLWQ_K_OUTLIER", raising=False)
     assert kvcache.kv_pair("hlwq4") == ("hlwq4", "hlwq4", None)
     assert kvcache.kv_pair("q4_0") == ("q4_0", "q4_0", None)
     type_k, type_v, note = kvcache.kv_pair("hlwq3")
@@ -94,5 +97,6 @@ def test_kv_shorthand_keeps_a_4_bit_k_under_a_3_bit_v(smollm2_q8):
     said = runtime.open_model(smollm2_q8, n_ctx=256, kv_type="hlwq3").kv_note
     forced = runtime.open_model(smollm2_q8, n_ctx=256, kv_type="hlwq3", kv_type_k="hlwq3").kv_note
     assert said.startswith(note) and "K is hlwq4" not in forced
+    assert "LLAMA_KV_HLWQ_K_OUTLIER" not in os.environ
     # this file has no mean keys: both also say how to add them (tests/test_kv_calibration.py)
     assert all("kv-calibrate" in line and "\n" not in line for line in (said, forced))
