@@ -36,7 +36,9 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 @click.option("--kv-types", help=f"KV variants for --kv, comma-separated (default: {','.join(kvbench.KV_VARIANTS)}; "
               "also any K/V pair such as hlwq4/hlwq3; add "
               f"{kvbench.RAW_K_SUFFIX} to store K uncentered as upstream does, e.g. q4_0{kvbench.RAW_K_SUFFIX}, and "
-              f"{kvbench.SMOOTHED_SUFFIX} to run one on K-smoothed weights, e.g. hlwq4{kvbench.SMOOTHED_SUFFIX}).")
+              f"{kvbench.SMOOTHED_SUFFIX} to run one on K-smoothed weights, e.g. hlwq4{kvbench.SMOOTHED_SUFFIX}, or "
+              f"{kvbench.KEY_MEANS_SUFFIX} on the weights with measured mean keys (K centered in every layer), e.g. "
+              f"hlwq4{kvbench.KEY_MEANS_SUFFIX}).")
 def bench(source: str, out_dir: Path | None, quick: bool, imatrix: bool, protocol: str, quants: str | None,
           hlwq: str | None, ctx: int | None, chunks: int | None, rounds: int | None, threads: int | None,
           reference_type: str, kv: bool, kv_types: str | None) -> None:
