@@ -9,7 +9,8 @@ the ROPE node llama.cpp names `Kcur-<layer>`, after any bias and key norm, in th
 the mean into a copy of the GGUF, which the patched loader reads and every architecture's cache then centers on.
 The first token of each chunk (the BOS, an attention sink whose key is unlike the others) is left out.
 
-Measured on SmolLM2-135M and Gemma-3-270M (docs/BENCHMARKS.md): the mean halves the KL divergence of a 4-bit K.
+Measured on SmolLM2-135M and Gemma-3-270M (docs/BENCHMARKS.md): centering on the mean cuts a 4-bit K cache's KL
+divergence by 26-29 % (0.047 -> 0.035, 0.101 -> 0.074) and a 3-bit one's by 31-37 %.
 """
 from __future__ import annotations
 

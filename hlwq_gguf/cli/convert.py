@@ -38,8 +38,8 @@ from hlwq_gguf import recipes, upstream
                    "measured KLD gain of each tensor category (a few minutes of llama-perplexity runs).")
 @click.option("--kv-calibrate", is_flag=True,
               help="Then measure every layer's mean key on the calibration text and add it (hlwq-gguf kv-calibrate): "
-                   "llama.cpp centers a quantized K cache on it, which halves a 4-bit K's error on models without a "
-                   "key bias (a few seconds per 100M weights).")
+                   "llama.cpp centers a quantized K cache on it, which cuts a 4-bit K's KL divergence by 26-29 % on "
+                   "models without a key bias (about 10 s per 100M weights on 2 cores).")
 @click.option("--mmproj/--no-mmproj", default=None,
               help="Write the vision projector (F16) beside OUTPUT as mmproj-<name>-f16.gguf. Default: when the "
                    "checkpoint has vision tower weights.")

@@ -16,7 +16,7 @@ def kv_calibrate(model: str, output: str, text: str | None, chunks: int, chunk_t
                  threads: int | None) -> None:
     """Measure MODEL's mean key before RoPE in every layer and write OUTPUT, the same GGUF with them added
     (blk.N.attn_k_mean). The patched llama.cpp then stores a quantized K cache minus that mean, which leaves
-    attention unchanged and halves a 4-bit K's error on models without a key bias. OUTPUT may be MODEL."""
+    attention unchanged and cuts a 4-bit K's KL divergence by 26-29 % on SmolLM2 and Gemma-3. OUTPUT may be MODEL."""
     from hlwq_gguf import kvcalib
 
     try:
