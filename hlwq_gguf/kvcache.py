@@ -108,10 +108,12 @@ def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     rope = _rope(reader)
-    try:
-        sliding = {layer.index for layer in plan.read_layout(path).attention if layer.sliding}
-    except ValueError:  # a layout the plan cannot read: no sliding layers known
-        sliding = set()
+    sliding = set()
+    if rope["freq_base_swa"] != rope["freq_base"]:  # which layers slide matters only then: a second read of the file
+        try:
+            sliding = {layer.index for layer in plan.read_layout(path).attention if layer.sliding}
+        except ValueError:  # a layout the plan cannot read: no sliding layers known
+            pass
 
     def values(name: str) -> np.ndarray:
         tensor = tensors[name]

@@ -18,11 +18,20 @@ from types import ModuleType
 from . import build as builder
 
 
+def _libllama_path(module: ModuleType) -> Path:
+    return Path(module.llama_cpp._lib._name).resolve()
+
+
+def library_dir() -> Path:
+    """The folder of the libllama (and its ggml libraries) that llama_cpp loaded."""
+    return _libllama_path(llama_cpp_module()).parent
+
+
 def llama_cpp_module(build: builder.Build | None = None) -> ModuleType:
     """Import llama_cpp bound to the patched libllama of `build` (the current cached build by default)."""
     if "llama_cpp" in sys.modules:
         module = sys.modules["llama_cpp"]
-        loaded = Path(module.llama_cpp._lib._name).resolve()
+        loaded = _libllama_path(module)
         wanted = (build or builder.existing_build())
         if wanted is not None and loaded.parent != wanted.bin.resolve():
             raise RuntimeError(f"llama_cpp is already loaded from {loaded}, not from the patched build {wanted.bin}")
@@ -64,7 +73,7 @@ class TensorOverrides:
 def _ggml_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """libggml and libggml-cpu from the directory of the libllama that llama_cpp loaded (the same instances:
     the loader compares buffer-type pointers, so a second copy of the library would never match)."""
-    lib_dir = Path(llama_cpp_module().llama_cpp._lib._name).resolve().parent
+    lib_dir = library_dir()
     ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
     ggml_cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
     ggml.ggml_backend_dev_by_name.restype = ctypes.c_void_p
