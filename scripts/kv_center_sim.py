@@ -1,15 +1,20 @@
 """Simulate a low-bit K/V cache in torch to choose what to keep out of its codes, before touching llama.cpp.
 
-    python scripts/kv_center_sim.py smollm2-135m 1024 4,4,- 4,4,c 3,3,c 4,3,cz
+    python scripts/kv_center_sim.py smollm2-135m 1024 4,4,- 4,4,c 3,3,c 4,3,cz 5:3,3,c
 
 Runs the un-quantized HF model (the bench cache's `<model>-hf` folder) on the first n_ctx tokens of the measurement
 text, with each layer's post-RoPE keys and values coded by the HLWQ codec (hlwq_gguf.codec, 64-value blocks) inside
-attention, and prints the KL divergence of the logits against the uncoded run. A config is KBITS,VBITS,FLAGS
-(16 bits: not coded); flags: c = K minus the mean post-RoPE key of a calibration run (the calibration text), v = V
-minus its mean (added back after attention), s = K divided and Q multiplied per RoPE pair by (E[k^2]/E[q^2])^(1/4),
-z = the first token kept uncoded (an attention sink). This is how K centering on measured mean keys was chosen
-(docs/BENCHMARKS.md, "Mean-key centering"); llama.cpp's numbers differ in detail (its keys are rotated in the
-file's channel order, its flash attention rounds to f16).
+attention, and prints the KL divergence of the logits against the uncoded run. A config is KBITS,VBITS,FLAGS (16 bits:
+not coded); flags: c = K minus the mean post-RoPE key of a calibration run (the calibration text), v = V minus its
+mean (added back after attention), s = K divided and Q multiplied per RoPE pair by (E[k^2]/E[q^2])^(1/4), z = the
+first token kept uncoded (an attention sink). KBITS may also be HOT:COLD, e.g. 5:3: per KV head, the quarter of the
+RoPE pairs with the largest E[k^2] * E[q^2] (K centered, Q averaged over its group) is coded at HOT bits and the rest
+at COLD, each group in its own Hadamard blocks (64 values, or the largest power of two dividing the group) with its
+own scale (flag r: a random quarter instead, the control); such groups are coded by a plain fit (norm start, two
+least-squares refits), the uniform configs by the codec. Each line prints K's bits per value with one fp16 scale per
+block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md, "Mean-key centering");
+llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its flash attention rounds to
+f16).
 """
 import sys
 import time
@@ -30,7 +35,42 @@ def coded(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.from_numpy(codec.dequantize_blocks(d, codes, bits, 64)).reshape(x.shape)
 
 
-def main(name: str, n_ctx: int, configs: list[tuple[int, int, str]]) -> None:
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def coded_group(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """x [..., m] in Hadamard blocks of n values (the largest power of two dividing m, at most 64), each scaled by
+    one least-squares fit; returns the decoded values and the number of blocks per row."""
+    m = x.shape[-1]
+    n = min(m & -m, 64)
+    y = codec.hadamard_rotate(x.reshape(-1, n).numpy()) * np.float32(np.sqrt(n))
+    codebook = codec.load_codebook(bits)
+    scale = np.maximum(np.linalg.norm(y, axis=1, keepdims=True) / np.float32(np.sqrt(n)), 1e-10)
+    for _ in range(3):
+        c = codebook[codec.nearest_code(y / scale, codebook)]
+        scale = np.maximum((y * c).sum(1, keepdims=True) / (c * c).sum(1, keepdims=True), 1e-10)
+    c = codebook[codec.nearest_code(y / scale, codebook)]
+    decoded = codec.hadamard_rotate(c * scale.astype(np.float16).astype(np.float32) / np.float32(np.sqrt(n)))
+    return torch.from_numpy(decoded).reshape(x.shape), m // n
+
+
+def coded_hot_pairs(key: torch.Tensor, order: torch.Tensor, hot_bits: int,
+                    cold_bits: int) -> tuple[torch.Tensor, float]:
+    """key [1, n_kv, n_tokens, d] with each head's hottest quarter of RoPE pairs (order: pairs, hottest first; pair p is
+    channels p and p + d/2) coded at hot_bits, the rest at cold_bits; returns it and K's bits per value."""
+    out, half = torch.empty_like(key), key.shape[-1] // 2
+    bits = 0.0
+    for head in range(key.shape[1]):
+        hot, cold = order[head][: half // 4], order[head][half // 4 :]
+        for pairs, b in ((hot, hot_bits), (cold, cold_bits)):
+            channels = torch.cat([pairs, pairs + half])
+            out[0, head][:, channels], blocks = coded_group(key[0, head][:, channels].contiguous(), b)
+            bits += (len(channels) * b + 16 * blocks) / (2 * half) / key.shape[1]
+    return out, bits
+
+
+def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
     torch.set_num_threads(2)
     path = paths.cache_root() / "models" / f"{name}-hf"
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -39,6 +79,7 @@ def main(name: str, n_ctx: int, configs: list[tuple[int, int, str]]) -> None:
     calib_ids = tokenizer(calibration[:200000], return_tensors="pt").input_ids[:, :n_ctx]
     mode: dict = {"now": None}
     stats: dict[int, dict] = {}
+    bits_k: dict[int, float] = {}
 
     def attention(module, query, key, value, attention_mask, **kw):
         layer, now = module.layer_idx, mode["now"]
@@ -49,14 +90,26 @@ def main(name: str, n_ctx: int, configs: list[tuple[int, int, str]]) -> None:
             k_sq = ((key[0] - k_mean[:, None]) ** 2).mean(dim=1)
             half = key.shape[-1] // 2  # rotate_half pairs (i, i + half)
             scale = ((k_sq[:, :half] + k_sq[:, half:]) / (q_sq[:, :half] + q_sq[:, half:])).clamp_min(1e-12) ** 0.25
-            stats[layer] = {"k": k_mean, "v": value[0].mean(dim=1), "s": torch.cat([scale, scale], -1)}
+            energy = (k_sq[:, :half] + k_sq[:, half:]) * (q_sq[:, :half] + q_sq[:, half:])
+            stats[layer] = {"k": k_mean, "v": value[0].mean(dim=1), "s": torch.cat([scale, scale], -1),
+                            "order": torch.argsort(energy, dim=1, descending=True),
+                            "random": torch.stack([torch.randperm(half, generator=seeded(1000 * layer + head))
+                                                   for head in range(key.shape[1])])}
         elif now is not None:
             k_bits, v_bits, flags = now
             st = stats[layer]
             kc = st["k"][None, :, None] if "c" in flags else 0
             vc = st["v"][None, :, None] if "v" in flags else 0
             s = st["s"][None, :, None] if "s" in flags else 1
-            k2, v2 = coded((key - kc) / s, k_bits) * s + kc, coded(value - vc, v_bits) + vc
+            if ":" in k_bits:
+                hot_bits, cold_bits = (int(b) for b in k_bits.split(":"))
+                k2, bits_k[layer] = coded_hot_pairs((key - kc) / s, st["random" if "r" in flags else "order"],
+                                                          hot_bits, cold_bits)
+                k2 = k2 * s + kc
+            else:
+                k2 = coded((key - kc) / s, int(k_bits)) * s + kc
+                bits_k[layer] = int(k_bits) + 16 / 64 if int(k_bits) < 16 else 16
+            v2 = coded(value - vc, v_bits) + vc
             if "z" in flags:
                 k2[:, :, :1], v2[:, :, :1] = key[:, :, :1], value[:, :, :1]
             key, value = k2, v2
@@ -77,9 +130,11 @@ def main(name: str, n_ctx: int, configs: list[tuple[int, int, str]]) -> None:
         started = time.time()
         mode["now"] = (k_bits, v_bits, flags)
         kld = (base.exp() * (base - log_probs(eval_ids))).sum(-1).mean().item()
-        print(f"{name} K{k_bits} V{v_bits} {flags or '-':4s} KLD {kld:.5f} ({time.time() - started:.0f} s)", flush=True)
+        k_bpv = sum(bits_k.values()) / len(bits_k)
+        print(f"{name} K{k_bits} ({k_bpv:.3f} bpv) V{v_bits} {flags or '-':4s} KLD {kld:.5f} "
+              f"({time.time() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
-    parsed = [(int(k), int(v), "" if f == "-" else f) for k, v, f in (c.split(",") for c in sys.argv[3:])]
+    parsed = [(k, int(v), "" if f == "-" else f) for k, v, f in (c.split(",") for c in sys.argv[3:])]
     main(sys.argv[1], int(sys.argv[2]), parsed)
