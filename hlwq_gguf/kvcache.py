@@ -32,6 +32,7 @@ OUTLIER_LIMIT = 8.0
 ROPE_NEOX_ARCHITECTURES = ("qwen2", "qwen3", "gemma3")
 # the context llama.cpp's cache is centered for when nothing says otherwise (the K-centering patch uses its size)
 DEFAULT_CONTEXT = 4096
+CONTEXT_PADDING = 256  # llama_context rounds n_ctx up to this (GGML_PAD(cparams.n_ctx, 256))
 # the K type of the layers the rule keeps off a low-bit code
 SAFE_K_TYPE = "q8_0"
 BLOCK = 64
@@ -142,8 +143,11 @@ def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[
 
 
 def centering(n_ctx: int | None = DEFAULT_CONTEXT) -> int | None:
-    """The positions llama.cpp centers a quantized K cache for, None where LLAMA_KV_K_CENTER=0 turns it off."""
-    return None if os.environ.get("LLAMA_KV_K_CENTER", "1").strip() == "0" else n_ctx
+    """The positions llama.cpp centers a quantized K cache for asked for n_ctx: its cache size, which llama_context
+    rounds up to a multiple of CONTEXT_PADDING; None where LLAMA_KV_K_CENTER=0 turns it off."""
+    if n_ctx is None or os.environ.get("LLAMA_KV_K_CENTER", "1").strip() == "0":
+        return None
+    return -(-n_ctx // CONTEXT_PADDING) * CONTEXT_PADDING
 
 
 def safe_k_layers(path: str | Path, limit: float | None = None, n_ctx: int | None = DEFAULT_CONTEXT) -> list[int]:

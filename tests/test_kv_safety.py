@@ -195,6 +195,9 @@ def test_centering_is_exact_and_lets_a_4_bit_cache_hold_a_slow_bias(llama_build,
     off = _completion_log(llama_build, model, "-c", "256", "-ctk", "hlwq4_64", "-ctv", "hlwq4_64", env=_NO_CENTER)
     assert "K centered" not in off and re.search(r"K stays q8_0 instead of hlwq4_64 in 1 of 2 layers \(0\)", off)
     assert "K centered" not in _completion_log(llama_build, model, "-c", "256")  # an f16 cache stores K as is
+    # the Python mirror centers for the cache llama.cpp makes, whose size is the asked context rounded up
+    padded = _completion_log(llama_build, model, "-c", "1000", "-ctk", "hlwq4_64", "-ctv", "hlwq4_64")
+    assert int(re.search(r"llama_context: n_ctx\s+=\s+(\d+)", padded).group(1)) == kvcache.centering(1000) == 1024
 
     # exact with an f32 cache and f32 attention (CPU flash attention rounds to f16 inside, and an uncentered bias of
     # 160 loses more there: KLD 2e-5 between the two, the centered one nearer the f32 result)
