@@ -45,28 +45,44 @@ def test_hlwq_cache_quality_against_llama_cpp_caches(smollm2_q8, llama_build, tm
     assert hlwq3_rot.kld_mean > 2 * hlwq3.kld_mean
 
 
-# prompt -> words of the greedy continuation that must match the f16 cache's, per cache type (on SmolLM2-135M the
-# 3-bit cache left the second prompt's continuation at its third word: "1,000 feet" for "1,000 degrees Celsius")
-GENERATION_PROMPTS = {
-    "The capital of France is Paris, and the capital of Italy is": {"hlwq4": None, "hlwq3": None},
-    "Water boils at a temperature of": {"hlwq4": None, "hlwq3": 2},
-}
+GENERATION_PROMPTS = ("The capital of France is Paris, and the capital of Italy is", "Water boils at a temperature of")
+# A cache type must pick f16's token wherever f16's top logit leads the next by at least this much. Measured on
+# SmolLM2-135M (Intel Xeon, 2026-12-05): along these continuations a winning margin shrank by at most 1.0 logit with
+# hlwq4 and 1.5 with a 3-bit K (hlwq3 forced), while the smallest f16 margins are 0.03: a word-for-word match of the
+# whole greedy text flipped on such near-ties between CPUs.
+DECISIVE_MARGIN = {"hlwq4": 2.0, "hlwq3": 3.0}
 
 
 @pytest.mark.parametrize("kv_type", ["hlwq3", "hlwq4"])
 def test_generation_with_an_hlwq_cache(smollm2_q8, kv_type):
-    """llama-cpp-python with type_k/type_v set to the HLWQ types (flash attention switched on for the quantized V):
-    greedy generation follows the f16 cache's, word for word (None: the whole continuation)."""
-    def continuations(cache):
-        llm = runtime.open_model(smollm2_q8, n_ctx=512, kv_type_k=cache, kv_type_v=cache)  # --kv hlwq3: hlwq4 K
-        return [llm.create_completion(prompt, max_tokens=16, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
-                for prompt in GENERATION_PROMPTS]
+    """llama-cpp-python with type_k/type_v set to the HLWQ types (flash attention switched on for the quantized V),
+    decoding token by token along the f16 cache's greedy continuation: at every step where f16 is decisive, the HLWQ
+    cache's top token is f16's."""
+    def step_logits(llm, prompt_tokens, continuation):
+        llm.reset()
+        llm.eval(prompt_tokens)
+        rows = [np.array(llm.scores[llm.n_tokens - 1])]
+        for token in continuation[:-1]:
+            llm.eval([token])  # one token at a time: the generation path, not the prompt's
+            rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+        return np.array(rows)
 
-    expected, got = continuations("f16"), continuations(kv_type)
-    for prompt, want, text in zip(GENERATION_PROMPTS, expected, got):
-        words = GENERATION_PROMPTS[prompt][kv_type]
-        print(f"{kv_type}: {text!r} vs f16 {want!r}")
-        assert want.strip() and text.split()[:words] == want.split()[:words], prompt
+    f16 = runtime.open_model(smollm2_q8, n_ctx=512, kv_type_k="f16", kv_type_v="f16", logits_all=True)
+    coded = runtime.open_model(smollm2_q8, n_ctx=512, kv_type_k=kv_type, kv_type_v=kv_type, logits_all=True)
+    decisive = 0
+    for prompt in GENERATION_PROMPTS:
+        prompt_tokens = f16.tokenize(prompt.encode())
+        text = f16.create_completion(prompt, max_tokens=16, temperature=0.0, repeat_penalty=1.0)["choices"][0]["text"]
+        continuation = f16.tokenize(text.encode(), add_bos=False)
+        want, got = step_logits(f16, prompt_tokens, continuation), step_logits(coded, prompt_tokens, continuation)
+        assert [int(t) for t in want.argmax(axis=1)] == continuation, prompt  # the f16 steps are its greedy text
+        top_two = np.sort(want, axis=1)[:, -2:]
+        for step in np.flatnonzero(top_two[:, 1] - top_two[:, 0] >= DECISIVE_MARGIN[kv_type]):
+            decisive += 1
+            assert got[step].argmax() == continuation[step], (prompt, step, text)
+        print(f"{kv_type}: {coded.detokenize(list(got.argmax(axis=1))).decode(errors='replace')!r} vs f16 {text!r}")
+    print(f"{decisive} decisive steps")
+    assert decisive >= 4  # measured: 7 for hlwq4, 5 for hlwq3
 
 
 def test_full_cache_is_llama_cpp_s_normal_error(smollm2_q8, llama_build):
