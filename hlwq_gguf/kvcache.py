@@ -217,6 +217,7 @@ def k_type_note(path: str | Path, kv_type: str, n_ctx: int | None = DEFAULT_CONT
     if not layers:
         return None
     which = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-    why = "" if centering(n_ctx) is None else f"RoPE turns too fast to center over {n_ctx} positions and "
+    positions = centering(n_ctx)
+    why = "" if positions is None else f"RoPE turns too fast to center over {positions} positions and "
     return (f"K stays {SAFE_K_TYPE} instead of {kv_type} in {which} of {Path(path).name}: its key bias has outlier "
             f"channels that {why}a low-bit code destroys (--kv-k {kv_type} forces it)")

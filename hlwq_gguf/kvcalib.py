@@ -82,7 +82,8 @@ def measure_key_means(model_path: str | Path, text: str, *, chunks: int = DEFAUL
 
     llama_cpp = runtime.llama_cpp_module()
     importlib.import_module(f"{llama_cpp.__name__}._logger").set_verbose(verbose)  # llama.cpp's log: errors only
-    base = ctypes.CDLL(str(runtime.library_dir() / "libggml-base.so"))  # the instance libllama uses; ggml_op_name names an op id
+    # the instance libllama uses; ggml_op_name names an op id
+    base = ctypes.CDLL(str(runtime.library_dir() / "libggml-base.so"))
     base.ggml_op_name.restype = ctypes.c_char_p
     base.ggml_op_name.argtypes = [ctypes.c_int]
     is_rope: dict[int, bool] = {}

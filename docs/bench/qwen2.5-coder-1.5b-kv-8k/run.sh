@@ -4,7 +4,8 @@
 set -euo pipefail
 out=$(cd "$(dirname "$0")" && pwd)
 bin=$(hlwq-gguf build --print-dir | tail -1)
-model=$(python -c 'from hlwq_gguf import kvbench; print(kvbench._weights(__import__("hlwq_gguf.build", fromlist=["x"]).ensure_build(), "qwen2.5-coder-1.5b", print)[0])' | tail -1)
+model=$(python -c 'from hlwq_gguf import build, kvbench
+print(kvbench._weights(build.ensure_build(), "qwen2.5-coder-1.5b", print)[0])' | tail -1)
 text=$(python -c 'from hlwq_gguf import textdata; print(textdata.measurement_text_file())')
 run() { "$bin/llama-perplexity" -m "$model" -f "$text" -c 8192 --chunks 1 -t 2 --no-warmup -fa on "$@"; }
 run --kl-divergence-base /tmp/qwen-8k-f16.kld > "$out/f16.txt" 2>&1
