@@ -10,11 +10,13 @@ mean (added back after attention), s = K divided and Q multiplied per RoPE pair 
 first token kept uncoded (an attention sink). KBITS may also be HOT:COLD, e.g. 5:3: per KV head, the quarter of the
 RoPE pairs with the largest E[k^2] * E[q^2] (K centered, Q averaged over its group) is coded at HOT bits and the rest
 at COLD, each group in its own Hadamard blocks (64 values, or the largest power of two dividing the group) with its
-own scale (flag r: a random quarter instead, the control); such groups are coded by a plain fit (norm start, two
-least-squares refits), the uniform configs by the codec. Each line prints K's bits per value with one fp16 scale per
-block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md, "Mean-key centering");
-llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its flash attention rounds to
-f16).
+own scale (flag r: a random quarter instead, the control; flag f: the quarter of lowest RoPE frequency, which needs
+no calibration); such groups are coded by a plain fit (norm start, two least-squares refits), the uniform configs by
+the codec. KBITS may also give one digit per layer after an L (L4434...: layer 0 at 4 bits, layer 2 at 3, ...), and
+flag b codes the uniform configs (K and V) in 128-value blocks instead of 64. Each line prints K's bits per value
+with one fp16 scale per block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md,
+"Mean-key centering"); llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its
+flash attention rounds to f16).
 """
 import sys
 import time
@@ -27,12 +29,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hlwq_gguf import codec, paths, textdata
 
 
-def coded(x: torch.Tensor, bits: int) -> torch.Tensor:
+def coded(x: torch.Tensor, bits: int, qk: int = 64) -> torch.Tensor:
     if bits >= 16:
         return x
-    blocks = x.reshape(-1, 64).numpy().astype(np.float32)
-    d, codes = codec.quantize_blocks(blocks, bits, 64)
-    return torch.from_numpy(codec.dequantize_blocks(d, codes, bits, 64)).reshape(x.shape)
+    blocks = x.reshape(-1, qk).numpy().astype(np.float32)
+    d, codes = codec.quantize_blocks(blocks, bits, qk)
+    return torch.from_numpy(codec.dequantize_blocks(d, codes, bits, qk)).reshape(x.shape)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -93,6 +95,7 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             energy = (k_sq[:, :half] + k_sq[:, half:]) * (q_sq[:, :half] + q_sq[:, half:])
             stats[layer] = {"k": k_mean, "v": value[0].mean(dim=1), "s": torch.cat([scale, scale], -1),
                             "order": torch.argsort(energy, dim=1, descending=True),
+                            "lowfreq": torch.arange(half - 1, -1, -1).repeat(key.shape[1], 1),
                             "random": torch.stack([torch.randperm(half, generator=seeded(1000 * layer + head))
                                                    for head in range(key.shape[1])])}
         elif now is not None:
@@ -103,13 +106,15 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             s = st["s"][None, :, None] if "s" in flags else 1
             if ":" in k_bits:
                 hot_bits, cold_bits = (int(b) for b in k_bits.split(":"))
-                k2, bits_k[layer] = coded_hot_pairs((key - kc) / s, st["random" if "r" in flags else "order"],
-                                                          hot_bits, cold_bits)
+                order = st["random" if "r" in flags else "lowfreq" if "f" in flags else "order"]
+                k2, bits_k[layer] = coded_hot_pairs((key - kc) / s, order, hot_bits, cold_bits)
                 k2 = k2 * s + kc
             else:
-                k2 = coded((key - kc) / s, int(k_bits)) * s + kc
-                bits_k[layer] = int(k_bits) + 16 / 64 if int(k_bits) < 16 else 16
-            v2 = coded(value - vc, v_bits) + vc
+                qk = 128 if "b" in flags else 64
+                layer_bits = int(k_bits[1 + layer] if k_bits.startswith("L") else k_bits)
+                k2 = coded((key - kc) / s, layer_bits, qk) * s + kc
+                bits_k[layer] = layer_bits + 16 / qk if layer_bits < 16 else 16
+            v2 = coded(value - vc, v_bits, 128 if "b" in flags else 64) + vc
             if "z" in flags:
                 k2[:, :, :1], v2[:, :, :1] = key[:, :, :1], value[:, :, :1]
             key, value = k2, v2
