@@ -104,17 +104,17 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             kc = st["k"][None, :, None] if "c" in flags else 0
             vc = st["v"][None, :, None] if "v" in flags else 0
             s = st["s"][None, :, None] if "s" in flags else 1
+            qk = 128 if "b" in flags else 64
             if ":" in k_bits:
                 hot_bits, cold_bits = (int(b) for b in k_bits.split(":"))
                 order = st["random" if "r" in flags else "lowfreq" if "f" in flags else "order"]
                 k2, bits_k[layer] = coded_hot_pairs((key - kc) / s, order, hot_bits, cold_bits)
                 k2 = k2 * s + kc
             else:
-                qk = 128 if "b" in flags else 64
                 layer_bits = int(k_bits[1 + layer] if k_bits.startswith("L") else k_bits)
                 k2 = coded((key - kc) / s, layer_bits, qk) * s + kc
                 bits_k[layer] = layer_bits + 16 / qk if layer_bits < 16 else 16
-            v2 = coded(value - vc, v_bits, 128 if "b" in flags else 64) + vc
+            v2 = coded(value - vc, v_bits, qk) + vc
             if "z" in flags:
                 k2[:, :, :1], v2[:, :, :1] = key[:, :, :1], value[:, :, :1]
             key, value = k2, v2

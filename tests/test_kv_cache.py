@@ -39,11 +39,10 @@ def test_hlwq_cache_quality_against_llama_cpp_caches(smollm2_q8, llama_build, f1
     cache as q4_0 (4.5); the 3-bit one (3.25) is a few times further (measured at ctx 2048: 0.219 vs 0.050, see
     docs/BENCHMARKS.md); keeping llama.cpp's graph rotation on top of the types' own is much worse (at head size 64
     H64 twice is the identity, so the values would be coded unrotated), which is why the types opt out of it."""
-    base = f16_base
-    q4_0 = _kld(llama_build, smollm2_q8, base, "q4_0")
-    hlwq4 = _kld(llama_build, smollm2_q8, base, "hlwq4_64")
-    hlwq3 = _kld(llama_build, smollm2_q8, base, "hlwq3_64")
-    hlwq3_rot = _kld(llama_build, smollm2_q8, base, "hlwq3_64", env={"LLAMA_ATTN_ROT_HLWQ": "1"})
+    q4_0 = _kld(llama_build, smollm2_q8, f16_base, "q4_0")
+    hlwq4 = _kld(llama_build, smollm2_q8, f16_base, "hlwq4_64")
+    hlwq3 = _kld(llama_build, smollm2_q8, f16_base, "hlwq3_64")
+    hlwq3_rot = _kld(llama_build, smollm2_q8, f16_base, "hlwq3_64", env={"LLAMA_ATTN_ROT_HLWQ": "1"})
     print(f"KLD vs f16 cache: q4_0 {q4_0.kld_mean}, hlwq4 {hlwq4.kld_mean}, hlwq3 {hlwq3.kld_mean}, "
           f"hlwq3 + graph rotation {hlwq3_rot.kld_mean}")
     assert all(np.isfinite(q.ppl) for q in (q4_0, hlwq4, hlwq3, hlwq3_rot))
