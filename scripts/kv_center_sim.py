@@ -13,8 +13,11 @@ at COLD, each group in its own Hadamard blocks (64 values, or the largest power 
 own scale (flag r: a random quarter instead, the control; flag f: the quarter of lowest RoPE frequency, which needs
 no calibration); such groups are coded by a plain fit (norm start, two least-squares refits), the uniform configs by
 the codec. KBITS may also give one digit per layer after an L (L4434...: layer 0 at 4 bits, layer 2 at 3, ...), and
-flag b codes the uniform configs (K and V) in 128-value blocks instead of 64. Each line prints K's bits per value
-with one fp16 scale per block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md,
+flag b codes the uniform configs (K and V) in 128-value blocks instead of 64, and flag g replaces their codes by the
+Gaussian rate-distortion bound at the same bits (which may then be fractional: 3.25,3.25,cg); flag q codes K and V
+as llama.cpp's q4_0 after upstream's graph Hadamard rotation (the bits are then ignored; without c, as upstream
+stores them: the target the KV goals are set against). Each line prints K's bits per value with one fp16 scale per
+block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md,
 "Mean-key centering"); llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its
 flash attention rounds to f16).
 """
@@ -29,12 +32,39 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hlwq_gguf import codec, paths, textdata
 
 
-def coded(x: torch.Tensor, bits: int, qk: int = 64) -> torch.Tensor:
+def coded(x: torch.Tensor, bits: float, qk: int = 64, ideal: bool = False) -> torch.Tensor:
     if bits >= 16:
         return x
+    if ideal:
+        return ideal_coded(x, bits, qk)
     blocks = x.reshape(-1, qk).numpy().astype(np.float32)
-    d, codes = codec.quantize_blocks(blocks, bits, qk)
-    return torch.from_numpy(codec.dequantize_blocks(d, codes, bits, qk)).reshape(x.shape)
+    d, codes = codec.quantize_blocks(blocks, int(bits), qk)
+    return torch.from_numpy(codec.dequantize_blocks(d, codes, int(bits), qk)).reshape(x.shape)
+
+
+def ideal_coded(x: torch.Tensor, bits: float, qk: int) -> torch.Tensor:
+    """x through the Gaussian rate-distortion test channel at `bits` per value, per Hadamard block of qk values
+    relative to the block's mean square: the error no code of that rate can beat on Gaussian data (a Lloyd-Max code
+    has 2.2x its error at 3 bits), a bound for any better-than-scalar code (trellis, lattice) at the same rate."""
+    y = torch.from_numpy(codec.hadamard_rotate(x.reshape(-1, qk).numpy()))
+    distortion = 2.0 ** (-2.0 * bits)
+    sigma = y.pow(2).mean(1, keepdim=True).sqrt()
+    noise = torch.randn(y.shape, generator=seeded(int(bits * 1000) + y.shape[0]))
+    y = (1 - distortion) * y + (distortion * (1 - distortion)) ** 0.5 * sigma * noise
+    return torch.from_numpy(codec.hadamard_rotate(y.numpy())).reshape(x.shape)
+
+
+def q4_0_coded(x: torch.Tensor, rotation: int) -> torch.Tensor:
+    """x in llama.cpp's q4_0 (32-value blocks, d = the signed largest value / -8, fp16 d) after the Hadamard rotation
+    of `rotation` values that upstream's graph applies to a quantized cache: the target to reach."""
+    rotated = torch.from_numpy(codec.hadamard_rotate(x.reshape(-1, rotation).numpy()))
+    blocks = rotated.reshape(-1, 32)
+    largest = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
+    d = (largest / -8).half().float()
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    codes = (blocks * inverse + 8.5).floor().clamp(0, 15)
+    decoded = ((codes - 8) * d).reshape(-1, rotation).numpy()
+    return torch.from_numpy(codec.hadamard_rotate(decoded)).reshape(x.shape)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -105,16 +135,21 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             vc = st["v"][None, :, None] if "v" in flags else 0
             s = st["s"][None, :, None] if "s" in flags else 1
             qk = 128 if "b" in flags else 64
-            if ":" in k_bits:
+            if "q" in flags:
+                k_rotation = max(n for n in (64, 128, 256) if key.shape[-1] % n == 0)  # as llama-kv-cache.cpp picks it
+                k2, v2 = q4_0_coded(key - kc, k_rotation) + kc, q4_0_coded(value - vc, 64) + vc
+                bits_k[layer] = 4.5
+            elif ":" in k_bits:
                 hot_bits, cold_bits = (int(b) for b in k_bits.split(":"))
                 order = st["random" if "r" in flags else "lowfreq" if "f" in flags else "order"]
                 k2, bits_k[layer] = coded_hot_pairs((key - kc) / s, order, hot_bits, cold_bits)
                 k2 = k2 * s + kc
             else:
-                layer_bits = int(k_bits[1 + layer] if k_bits.startswith("L") else k_bits)
-                k2 = coded((key - kc) / s, layer_bits, qk) * s + kc
+                layer_bits = float(k_bits[1 + layer] if k_bits.startswith("L") else k_bits)
+                k2 = coded((key - kc) / s, layer_bits, qk, "g" in flags) * s + kc
                 bits_k[layer] = layer_bits + 16 / qk if layer_bits < 16 else 16
-            v2 = coded(value - vc, v_bits, qk) + vc
+            if "q" not in flags:
+                v2 = coded(value - vc, v_bits, qk, "g" in flags) + vc
             if "z" in flags:
                 k2[:, :, :1], v2[:, :, :1] = key[:, :, :1], value[:, :, :1]
             key, value = k2, v2
@@ -141,5 +176,5 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
 
 
 if __name__ == "__main__":
-    parsed = [(k, int(v), "" if f == "-" else f) for k, v, f in (c.split(",") for c in sys.argv[3:])]
+    parsed = [(k, float(v), "" if f == "-" else f) for k, v, f in (c.split(",") for c in sys.argv[3:])]
     main(sys.argv[1], int(sys.argv[2]), parsed)
