@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import gguf_types
+from . import gguf_files
 
 _FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 
@@ -31,8 +31,7 @@ class GGUFStats:
 
 
 def gguf_stats(path: str | Path) -> GGUFStats:
-    gguf = gguf_types.register()
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_files.header_reader(path)  # tensors only: the tokenizer arrays are slow to parse and not needed
     params = matrix_params = matrix_bytes = 0
     types: Counter[str] = Counter()
     for tensor in reader.tensors:

@@ -103,10 +103,10 @@ def layer_ratios(path: str | Path, n_ctx: int | None = DEFAULT_CONTEXT) -> dict[
     """outlier_ratio of every layer of a GGUF that has a separate K weight, attention norm and a constant part of its
     keys (a measured mean key, else a K bias), for a cache centered for n_ctx positions (None: not centered,
     LLAMA_KV_K_CENTER=0). Sliding-window layers turn with the file's rope.freq_base_swa where it has one."""
-    from . import gguf_types, plan
+    from . import gguf_files, gguf_types, plan
 
     gguf = gguf_types.register()
-    reader = gguf.GGUFReader(str(path))
+    reader = gguf_files.header_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     rope = _rope(reader)
     sliding = set()
@@ -196,11 +196,11 @@ def kv_pair(kv_type: str, path: str | Path | None = None) -> tuple[str, str, str
 def calibration_hint(path: str | Path, type_k: str) -> str | None:
     """One line for a quantized K cache on a GGUF that gives llama.cpp nothing to center K on in any layer (no
     measured mean keys, no key bias): `hlwq-gguf kv-calibrate` adds them; None otherwise."""
-    from . import gguf_types
+    from . import gguf_files
 
     if type_k.lower() in ("f16", "f32", "bf16"):
         return None
-    names = {t.name for t in gguf_types.register().GGUFReader(str(path)).tensors}
+    names = {t.name for t in gguf_files.header_reader(path).tensors}
     if any(name.endswith((".attn_k_mean", ".attn_k.bias")) for name in names):
         return None
     return (f"{Path(path).name} has no mean keys, so llama.cpp stores the {type_k} K uncentered: `hlwq-gguf "

@@ -209,13 +209,10 @@ def write_key_means(source: str | Path, output: str | Path, key_means: KeyMeans)
 
 def read_key_means(path: str | Path) -> dict[int, np.ndarray]:
     """The `blk.N.attn_k_mean` tensors of a GGUF, by layer (empty where it has none)."""
-    import gguf
+    from . import gguf_files
 
-    from . import gguf_types
-
-    gguf_types.register()
     means = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
+    for t in gguf_files.header_reader(path).tensors:
         if t.name.startswith("blk.") and t.name.endswith(".attn_k_mean"):
             means[int(t.name.split(".")[1])] = np.asarray(t.data, dtype=np.float32).reshape(-1)
     return means
@@ -229,7 +226,7 @@ def calibrate(model: str | Path, output: str | Path, *, text: str | Path | None 
     from . import gguf_files, textdata
 
     model = Path(model)
-    gguf_files.read_gguf(model)  # a one-line GGUFFileError for what is not a GGUF llama.cpp reads
+    gguf_files.read_gguf(model, header_only=True)  # a one-line GGUFFileError for what is not a GGUF llama.cpp reads
     text_path = Path(text) if text is not None else textdata.calibration_text_file()
     try:
         body = text_path.read_text(encoding="utf-8")

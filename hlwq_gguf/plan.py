@@ -174,7 +174,7 @@ def read_layout(path: str | Path) -> ModelLayout:
     if not path.is_file():
         raise PlanError(f"{path}: no such file")
     try:
-        reader = gguf_files.read_gguf(path)
+        reader = gguf_files.read_gguf(path, header_only=True)
     except gguf_files.GGUFFileError as e:
         raise PlanError(str(e)) from None
     try:

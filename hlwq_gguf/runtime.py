@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 from . import build as builder
 
@@ -187,21 +188,6 @@ def ggml_type_id(name: str) -> int:
     return int(gguf_types.register().GGMLQuantizationType[name.upper()])
 
 
-@contextmanager
-def _environment(values: dict[str, str]):
-    """os.environ with `values` set inside the block and restored after it."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 1, verbose: bool = False,
                overrides=None, vram: int | str | None = None, kv_type: str | None = None,
                kv_type_k: str | None = None, kv_type_v: str | None = None, **kwargs):
@@ -247,7 +233,7 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
         kwargs.setdefault("n_gpu_layers", -1)
         kwargs.setdefault("swa_full", False)  # what the plan sized (llama-cpp-python's default is the full SWA cache)
     c_overrides = tensor_overrides(entries) if entries else None
-    with _model_params_with(c_overrides), _environment(forced_k):  # llama.cpp reads it when it makes the cache
+    with _model_params_with(c_overrides), mock.patch.dict(os.environ, forced_k):  # read when llama.cpp makes the cache
         model = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), seed=seed,
                                 verbose=verbose, **kwargs)
     model.tensor_overrides = c_overrides  # keeps the array and pattern strings alive as long as the model
