@@ -16,10 +16,13 @@ the codec. KBITS may also give one digit per layer after an L (L4434...: layer 0
 flag b codes the uniform configs (K and V) in 128-value blocks instead of 64, and flag g replaces their codes by the
 Gaussian rate-distortion bound at the same bits (which may then be fractional: 3.25,3.25,cg); flag q codes K and V
 as llama.cpp's q4_0 after upstream's graph Hadamard rotation (the bits are then ignored; without c, as upstream
-stores them: the target the KV goals are set against). Each line prints K's bits per value with one fp16 scale per
-block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md,
-"Mean-key centering"); llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its
-flash attention rounds to f16).
+stores them: the target the KV goals are set against). Flags that reproduce llama.cpp's details: C = K centered as
+llama.cpp does it (the pre-RoPE mean key, BOS left out, turned by RoPE and averaged over the positions) instead of
+c's measured post-RoPE mean; Q = Q as int8 per 64 rotated values; H = Q, K and V rounded to f16. o / O = K / V
+centered on the first token's own key / value instead (V added back). Each line prints K's bits per value with one
+fp16 scale per block. This is how K centering on measured mean keys was chosen (docs/BENCHMARKS.md, "Mean-key
+centering"); llama.cpp's numbers differ in detail (its keys are rotated in the file's channel order, its flash
+attention rounds to f16).
 """
 import sys
 import time
@@ -67,6 +70,22 @@ def q4_0_coded(x: torch.Tensor, rotation: int) -> torch.Tensor:
     return torch.from_numpy(codec.hadamard_rotate(decoded)).reshape(x.shape)
 
 
+def rope_angles(config, layer: int, n_pos: int, d: int) -> torch.Tensor:
+    """HF rotate_half RoPE angles [n_pos, d] of `layer` (a sliding-window layer's own base where the config has one)."""
+    params = config.rope_parameters
+    if "rope_theta" not in params:
+        params = params[config.layer_types[layer]]
+    base = params["rope_theta"]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv[None]
+    return torch.cat([ang, ang], -1)  # [n_pos, d]
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -110,6 +129,7 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
     calibration = textdata.calibration_text_file().read_text(encoding="utf-8")
     calib_ids = tokenizer(calibration[:200000], return_tensors="pt").input_ids[:, :n_ctx]
     mode: dict = {"now": None}
+    model_config: dict = {}
     stats: dict[int, dict] = {}
     bits_k: dict[int, float] = {}
 
@@ -123,7 +143,12 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             half = key.shape[-1] // 2  # rotate_half pairs (i, i + half)
             scale = ((k_sq[:, :half] + k_sq[:, half:]) / (q_sq[:, :half] + q_sq[:, half:])).clamp_min(1e-12) ** 0.25
             energy = (k_sq[:, :half] + k_sq[:, half:]) * (q_sq[:, :half] + q_sq[:, half:])
-            stats[layer] = {"k": k_mean, "v": value[0].mean(dim=1), "s": torch.cat([scale, scale], -1),
+            angles = rope_angles(model_config["c"], layer, key.shape[2], key.shape[-1])
+            cos, sin = angles.cos().float(), angles.sin().float()
+            before_rope = (key[0] * cos - rotate_half(key[0]) * sin)[:, 1:].mean(dim=1)  # BOS left out, as kv-calibrate
+            closed_form = before_rope * cos.mean(0) + rotate_half(before_rope) * sin.mean(0)
+            stats[layer] = {"k": k_mean, "kC": closed_form, "v": value[0].mean(dim=1),
+                            "s": torch.cat([scale, scale], -1),
                             "order": torch.argsort(energy, dim=1, descending=True),
                             "lowfreq": torch.arange(half - 1, -1, -1).repeat(key.shape[1], 1),
                             "random": torch.stack([torch.randperm(half, generator=seeded(1000 * layer + head))
@@ -134,6 +159,12 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             kc = st["k"][None, :, None] if "c" in flags else 0
             vc = st["v"][None, :, None] if "v" in flags else 0
             s = st["s"][None, :, None] if "s" in flags else 1
+            if "C" in flags:
+                kc = st["kC"][None, :, None]
+            if "o" in flags:
+                kc = key[:, :, :1].clone()
+            if "O" in flags:
+                vc = value[:, :, :1].clone()
             qk = 128 if "b" in flags else 64
             if "q" in flags:
                 k_rotation = max(n for n in (64, 128, 256) if key.shape[-1] % n == 0)  # as llama-kv-cache.cpp picks it
@@ -152,11 +183,19 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
                 v2 = coded(value - vc, v_bits, qk, "g" in flags) + vc
             if "z" in flags:
                 k2[:, :, :1], v2[:, :, :1] = key[:, :, :1], value[:, :, :1]
+            if "Q" in flags:  # Q as int8 per 64 rotated values (q8_hlwq_64), as llama.cpp's K dot product takes it
+                rotated = torch.from_numpy(codec.hadamard_rotate(query.reshape(-1, 64).numpy()))
+                step = (rotated.abs().amax(1, keepdim=True) / 127).clamp_min(1e-30)
+                rotated = torch.round(rotated / step) * step
+                query = torch.from_numpy(codec.hadamard_rotate(rotated.numpy())).reshape(query.shape)
+            if "H" in flags:  # Q, K and V rounded to f16, as llama.cpp's flash attention stores them
+                query, k2, v2 = query.half().float(), k2.half().float(), v2.half().float()
             key, value = k2, v2
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
     AttentionInterface.register("hlwq_sim", attention)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="hlwq_sim").eval()
+    model_config["c"] = model.config
 
     def log_probs(ids):
         with torch.no_grad():
