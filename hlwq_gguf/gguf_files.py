@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,9 @@ def _header_reader_class(gguf):
                 end += item_size * count
             else:  # strings: walk the length prefixes, not the bytes
                 raw = memoryview(self.data)
+                order = sys.byteorder if self.byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
                 for _ in range(count):
-                    end += 8 + int.from_bytes(raw[end:end + 8], "little")
+                    end += 8 + int.from_bytes(raw[end:end + 8], order)
             return end - orig_offs, [raw_item_type, length], [], [gguf.GGUFValueType.ARRAY, item_type]
 
     return HeaderReader

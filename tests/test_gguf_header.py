@@ -11,9 +11,10 @@ from hlwq_gguf import gguf_files, gguf_types
 LIMIT = gguf_files.HEADER_ARRAY_LIMIT
 
 
-def _write(path, arrays: dict[str, list]) -> None:
+def _write(path, arrays: dict[str, list], big_endian: bool = False) -> None:
     gguf = gguf_types.register()
-    writer = gguf.GGUFWriter(str(path), "llama")
+    endianness = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=endianness)
     writer.add_uint32("llama.block_count", 1)
     for key, values in arrays.items():
         writer.add_array(key, values)
@@ -41,18 +42,19 @@ def _compare(header, full, skipped: set[str]) -> None:
             assert kept.types == field.types and kept.contents() == field.contents(), key
 
 
-def test_long_arrays_are_skipped_and_everything_else_read(tmp_path):
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_long_arrays_are_skipped_and_everything_else_read(tmp_path, big_endian):
     gguf = gguf_types.register()
     arrays = {"short.strings": [f"s{i}" for i in range(LIMIT)], "long.strings": [f"token{i}" * (i % 5) for i in
               range(LIMIT + 1)], "long.numbers": list(range(LIMIT + 1)), "long.floats": [0.5] * (3 * LIMIT),
               "short.numbers": list(range(LIMIT))}
     path = tmp_path / "arrays.gguf"
-    _write(path, arrays)
+    _write(path, arrays, big_endian)
     header, full = gguf_files.header_reader(path), gguf.GGUFReader(str(path))
     _compare(header, full, {"long.strings", "long.numbers", "long.floats"})
     assert header.fields["after.arrays"].contents() == "still read"
     assert header.fields["short.strings"].contents() == arrays["short.strings"]
-    assert np.asarray(header.tensors[0].data).tolist() == np.arange(12).reshape(3, 4).tolist()
+    assert np.asarray(header.tensors[0].data).astype(np.float32).tolist() == np.arange(12).reshape(3, 4).tolist()
 
 
 @pytest.mark.slow
