@@ -1,8 +1,8 @@
 """Reading GGUF files a user hands to hlwq-gguf: ggml's own parser vets each one before gguf-py reads it."""
 from __future__ import annotations
 
+import functools
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ class GGUFFileError(ValueError):
 HEADER_ARRAY_LIMIT = 4096
 
 
+@functools.cache
 def _header_reader_class(gguf):
     """GGUFReader that reads every tensor and scalar field but only the length of a long array.
 
@@ -45,7 +46,7 @@ def _header_reader_class(gguf):
                 end += item_size * count
             else:  # strings: walk the length prefixes, not the bytes
                 raw = memoryview(self.data)
-                order = sys.byteorder if self.byte_order == "I" else {"little": "big", "big": "little"}[sys.byteorder]
+                order = "big" if self.endianess == gguf.GGUFEndian.BIG else "little"
                 for _ in range(count):
                     end += 8 + int.from_bytes(raw[end:end + 8], order)
             return end - orig_offs, [raw_item_type, length], [], [gguf.GGUFValueType.ARRAY, item_type]

@@ -129,7 +129,6 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
     calibration = textdata.calibration_text_file().read_text(encoding="utf-8")
     calib_ids = tokenizer(calibration[:200000], return_tensors="pt").input_ids[:, :n_ctx]
     mode: dict = {"now": None}
-    model_config: dict = {}
     stats: dict[int, dict] = {}
     bits_k: dict[int, float] = {}
 
@@ -143,7 +142,7 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
             half = key.shape[-1] // 2  # rotate_half pairs (i, i + half)
             scale = ((k_sq[:, :half] + k_sq[:, half:]) / (q_sq[:, :half] + q_sq[:, half:])).clamp_min(1e-12) ** 0.25
             energy = (k_sq[:, :half] + k_sq[:, half:]) * (q_sq[:, :half] + q_sq[:, half:])
-            angles = rope_angles(model_config["c"], layer, key.shape[2], key.shape[-1])
+            angles = rope_angles(module.config, layer, key.shape[2], key.shape[-1])
             cos, sin = angles.cos().float(), angles.sin().float()
             before_rope = (key[0] * cos - rotate_half(key[0]) * sin)[:, 1:].mean(dim=1)  # BOS left out, as kv-calibrate
             closed_form = before_rope * cos.mean(0) + rotate_half(before_rope) * sin.mean(0)
@@ -195,7 +194,6 @@ def main(name: str, n_ctx: int, configs: list[tuple[str, int, str]]) -> None:
 
     AttentionInterface.register("hlwq_sim", attention)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="hlwq_sim").eval()
-    model_config["c"] = model.config
 
     def log_probs(ids):
         with torch.no_grad():
