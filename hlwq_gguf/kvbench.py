@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import build as builder
-from . import kvcache, llama_tools, plan, textdata
+from . import kvbits, kvcache, llama_tools, plan, textdata
 
 # name -> (K type, V type, extra environment). With an HLWQ K type llama.cpp keeps K at q8_0 in the layers whose key
 # bias has outlier channels (hlwq_gguf.kvcache); "!" forces the HLWQ K everywhere (LLAMA_KV_HLWQ_K_OUTLIER=0).
@@ -38,6 +38,8 @@ SMOOTHED_SUFFIX = "+sk"
 # ... or in this, on the same weights with every layer's mean key measured (hlwq_gguf.kvcalib), which the patched
 # llama.cpp centers a quantized K on in every layer, with or without a key bias
 KEY_MEANS_SUFFIX = "+km"
+# ... or in this, with the mean keys and a hlwq3_64 K's bits per layer calibrated for a 3.5-bit cache (hlwq_gguf.kvbits)
+K_BITS_SUFFIX = "+kb"
 # ... and in this (before any +sk), with K stored as is: the patched llama.cpp centers a quantized K in the layers
 # with a key bias (hlwq_gguf.kvcache), LLAMA_KV_K_CENTER=0 is upstream's behaviour
 RAW_K_SUFFIX = "+raw"
@@ -83,11 +85,12 @@ def bits_per_value(cache_type: str) -> float:
     return size * 8 / block
 
 
-def layer_bits_per_value(layout, type_k: str, type_v: str, safe_k_layers=()) -> float:
-    """Bits per cached K or V value of a model's cache, the layers whose K stays q8_0 included."""
+def layer_bits_per_value(layout, type_k: str, type_v: str, safe_k_layers=(), k_bits: str | None = None) -> float:
+    """Bits per cached K or V value of a model's cache, the layers whose K stays q8_0 and a hlwq3_64 K's calibrated
+    bits per layer (plan.layer_k_type; k_bits: those digits instead of the file's) included."""
     bits = values = 0.0
     for layer in layout.attention:
-        k_type = "q8_0" if layer.index in safe_k_layers else type_k
+        k_type = plan.layer_k_type(layout, layer.index, type_k, tuple(safe_k_layers), k_bits)
         bits += layer.k_width * bits_per_value(k_type) + layer.v_width * bits_per_value(type_v)
         values += layer.k_width + layer.v_width
     return bits / values
@@ -164,11 +167,23 @@ def _key_mean_weights(plain: Path, workdir: Path, threads: int, log) -> Path:
     return weights
 
 
+def _k_bits_weights(plain: Path, workdir: Path, threads: int, log) -> Path:
+    """The Q8_0 weights with mean keys and a hlwq3_64 K's bits per layer for a 3.5-bit cache (hlwq_gguf.kvbits)."""
+    from . import kvbits, kvcalib
+
+    weights = workdir / "Q8_0-kbits.gguf"
+    if not weights.exists():
+        log("mean keys and per-layer K bits on the calibration text (one perplexity run per layer)")
+        kvcalib.calibrate(plain, weights, threads=threads, kv_bits=kvbits.DEFAULT_BITS_PER_VALUE, progress=False)
+    return weights
+
+
 def variant(name: str) -> tuple[str, str, dict[str, str], str]:
     """(K type, V type, environment, weights suffix) of a KV variant name: a KV_VARIANTS name or a K/V pair of
-    cache types, then optionally RAW_K_SUFFIX (K not centered), then optionally SMOOTHED_SUFFIX or KEY_MEANS_SUFFIX
-    (which weights it runs on; "" for the plain ones)."""
-    weights = next((suffix for suffix in (SMOOTHED_SUFFIX, KEY_MEANS_SUFFIX) if name.endswith(suffix)), "")
+    cache types, then optionally RAW_K_SUFFIX (K not centered), then optionally SMOOTHED_SUFFIX, KEY_MEANS_SUFFIX or
+    K_BITS_SUFFIX (which weights it runs on; "" for the plain ones)."""
+    weights = next((suffix for suffix in (SMOOTHED_SUFFIX, KEY_MEANS_SUFFIX, K_BITS_SUFFIX) if name.endswith(suffix)),
+                   "")
     base = name[:len(name) - len(weights)]
     raw = base.endswith(RAW_K_SUFFIX)
     base = base[:-len(RAW_K_SUFFIX)] if raw else base
@@ -180,7 +195,8 @@ def variant(name: str) -> tuple[str, str, dict[str, str], str]:
     else:
         raise ValueError(f"unknown KV variant {name!r}; known: {', '.join(KV_VARIANTS)}, any K/V pair of "
                          f"{', '.join(plan.KV_TYPES)} (each also with {RAW_K_SUFFIX} for K stored uncentered and "
-                         f"{SMOOTHED_SUFFIX} for K-smoothed weights or {KEY_MEANS_SUFFIX} for measured mean keys)")
+                         f"{SMOOTHED_SUFFIX} for K-smoothed weights, {KEY_MEANS_SUFFIX} for measured mean keys or "
+                         f"{K_BITS_SUFFIX} for mean keys and a 3-bit K's calibrated bits per layer)")
     return type_k, type_v, {**env, **(_RAW_K if raw else {})}, weights
 
 
@@ -200,10 +216,11 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     suffixes = {variant(n)[3] for n in names}
     smoothed = _smoothed_weights(build, reference, workdir, log) if SMOOTHED_SUFFIX in suffixes else None
     key_means = _key_mean_weights(plain, workdir, threads, log) if KEY_MEANS_SUFFIX in suffixes else None
-    weights_of = {name: {"": plain, SMOOTHED_SUFFIX: smoothed, KEY_MEANS_SUFFIX: key_means}[variant(name)[3]]
-                  for name in names}
+    k_bits = _k_bits_weights(plain, workdir, threads, log) if K_BITS_SUFFIX in suffixes else None
+    weights_of = {name: {"": plain, SMOOTHED_SUFFIX: smoothed, KEY_MEANS_SUFFIX: key_means,
+                         K_BITS_SUFFIX: k_bits}[variant(name)[3]] for name in names}
     text = textdata.measurement_text_file()
-    layout = plan.read_layout(plain)
+    layouts = {weights: plan.read_layout(weights) for weights in set(weights_of.values())}  # hlwq.kv_k_bits differs
     uncentered = {name: variant(name)[2].get("LLAMA_KV_K_CENTER") == "0" for name in names}
     kept_in = {(w, raw): kvcache.safe_k_layers(w, limit=kvcache.OUTLIER_LIMIT, n_ctx=None if raw else ctx)
                for w, raw in {(weights_of[name], uncentered[name]) for name in names}}
@@ -214,6 +231,7 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
         safe = kept if kvcache.is_hlwq(type_k) and env.get("LLAMA_KV_HLWQ_K_OUTLIER") != "0" else []
         # bytes per token are what the cache of ctx tokens costs (sliding-window layers hold fewer cells); bits per
         # value are the types' own, over every layer's K and V row
+        layout = layouts[weights_of[name]]
         per_token = plan.kv_cache_bytes(layout, ctx, type_k, type_v, safe_k_layers=tuple(safe)) / ctx
         results[name] = KVResult(name, type_k, type_v, layer_bits_per_value(layout, type_k, type_v, safe), safe,
                                  per_token)
@@ -253,7 +271,9 @@ def run_kv_bench(model: str = "smollm2-135m", out_dir: Path | None = None, *, va
     shared = Path(__file__).resolve().parents[2] / "shared" / "seed-configs"
     weights_note = f"{plain.name} (Q8_0 weights, the same for every cache type" + \
         (f"; {SMOOTHED_SUFFIX}: {smoothed.name}, the same after K smoothing" if smoothed else "") + \
-        (f"; {KEY_MEANS_SUFFIX}: {key_means.name}, the same with mean keys measured" if key_means else "") + ")"
+        (f"; {KEY_MEANS_SUFFIX}: {key_means.name}, the same with mean keys measured" if key_means else "") + \
+        (f"; {K_BITS_SUFFIX}: {k_bits.name}, the same with mean keys and a hlwq3_64 K's bits per layer calibrated "
+         f"for {kvbits.DEFAULT_BITS_PER_VALUE} bits per value" if k_bits else "") + ")"
     result = KVBenchResult(model=model, weights=weights_note, ctx=ctx,
                            chunks=chunks, depth=depth, text=text.name, results=list(results.values()),
                            max_context_4gib=seed_max_context(shared), seconds=time.time() - started,

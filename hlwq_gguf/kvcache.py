@@ -177,17 +177,27 @@ def _hlwq_bits(kv_type: str) -> int:
 def kv_pair(kv_type: str, path: str | Path | None = None) -> tuple[str, str, str | None]:
     """(K type, V type, note) that hlwq-gguf's `--kv kv_type` means for the GGUF at `path`: kv_type for both, except
     that an HLWQ type under LOW_BIT_K_FLOOR's bits keeps K at LOW_BIT_K_FLOOR, and the note (one line) says so;
-    `--kv-k` sets K as given. An MLA cache stores V as a view of K, so there both stay kv_type."""
+    `--kv-k` sets K as given. On a file whose 3-bit K was calibrated per layer (hlwq.kv_k_bits, hlwq_gguf.kvbits)
+    hlwq3 is hlwq3_64 for both, which llama.cpp then gives 3 or 4 bits per layer, and the note says that. An MLA
+    cache stores V as a view of K, so there both stay kv_type."""
     if not is_hlwq(kv_type) or _hlwq_bits(kv_type) >= _hlwq_bits(LOW_BIT_K_FLOOR):
         return kv_type, kv_type, None
     if path is not None:
-        from . import plan
+        from . import kvbench, plan
 
         try:
-            if all(layer.v_width == 0 for layer in plan.read_layout(path).attention):
-                return kv_type, kv_type, None
+            layout = plan.read_layout(path)
         except ValueError:  # a layout the plan cannot read: the open or the plan says why
-            pass
+            layout = None
+        if layout is not None and all(layer.v_width == 0 for layer in layout.attention):
+            return kv_type, kv_type, None
+        digits = plan.calibrated_k_bits(layout) if layout is not None else ""
+        if digits and plan.KV_TYPE_ALIASES.get(kv_type.lower(), kv_type.lower()) == "hlwq3_64":
+            bits = kvbench.layer_bits_per_value(layout, "hlwq3_64", "hlwq3_64", safe_k_layers(path))
+            return kv_type, kv_type, (
+                f"K is 3-bit in {digits.count('3')} and 4-bit in {digits.count('4')} layers of {Path(path).name}, "
+                f"as kv-calibrate measured their cost, with a {kv_type} V: {bits:.2f} bits per value "
+                f"(--kv-k {kv_type} forces 3 bits in all)")
     return LOW_BIT_K_FLOOR, kv_type, (
         f"K is {LOW_BIT_K_FLOOR} with a {kv_type} V: a {_hlwq_bits(kv_type)}-bit K has 2.7-4.5x the KL divergence of a "
         f"4-bit one on SmolLM2-135M and Gemma-3-270M (--kv-k {kv_type} forces it)")

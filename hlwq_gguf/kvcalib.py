@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class KeyMeans:
     means: dict[int, np.ndarray]
     tokens: int
     text: str
+    k_bits: object = None  # hlwq_gguf.kvbits.LayerKBits where calibrate chose per-layer K bits
 
 
 def _tensor_values(tensor: _GGMLTensor) -> np.ndarray:
@@ -173,26 +175,32 @@ def _tokenize(llama_cpp, model, text: str, n_tokens: int) -> list[int]:
         n_chars = min(len(text), 2 * n_chars)
 
 
-def write_key_means(source: str | Path, output: str | Path, key_means: KeyMeans) -> None:
+def write_key_means(source: str | Path, output: str | Path, key_means: KeyMeans, k_bits=None) -> None:
     """Copy the GGUF `source` to `output` with `blk.N.attn_k_mean` (F32) for every measured layer, replacing any it
-    had, and `hlwq.kv_calibration` saying what was measured; written beside `output` and renamed onto it."""
+    had, and `hlwq.kv_calibration` saying what was measured; with k_bits (hlwq_gguf.kvbits.LayerKBits) also its
+    digits as `hlwq.kv_k_bits`. Written beside `output` and renamed onto it."""
     import gguf
 
     from convert.requantize import add_tensor_info, copy_field
     from convert.sink import staged_output
 
-    from . import gguf_files
+    from . import gguf_files, kvbits
 
     reader = gguf_files.read_gguf(source)
     architecture = reader.fields["general.architecture"].contents()
     kept = [t for t in reader.tensors if not (t.name.startswith("blk.") and t.name.endswith(".attn_k_mean"))]
     with staged_output(Path(output)) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
+        replaced = (CALIBRATION_KEY,) + ((kvbits.K_BITS_KEY,) if k_bits is not None else ())
         for field in reader.fields.values():
-            if field.name != CALIBRATION_KEY:
+            if field.name not in replaced:
                 copy_field(writer, field)
-        writer.add_string(CALIBRATION_KEY, f"mean key before RoPE over {key_means.tokens} tokens of "
-                                           f"{key_means.text} (hlwq-gguf kv-calibrate)")
+        calibration = f"mean key before RoPE over {key_means.tokens} tokens of {key_means.text}"
+        if k_bits is not None:
+            calibration += (f"; K 3-bit in {k_bits.n_low} layers of a hlwq3_64 cache ({k_bits.bits_per_value:.3f} bits "
+                            f"per value), by each layer's KL divergence on {k_bits.text}")
+            writer.add_string(kvbits.K_BITS_KEY, k_bits.digits)
+        writer.add_string(CALIBRATION_KEY, calibration + " (hlwq-gguf kv-calibrate)")
         for t in kept:
             add_tensor_info(writer, t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type)
         for layer, mean in key_means.means.items():
@@ -219,10 +227,11 @@ def read_key_means(path: str | Path) -> dict[int, np.ndarray]:
 
 
 def calibrate(model: str | Path, output: str | Path, *, text: str | Path | None = None, chunks: int = DEFAULT_CHUNKS,
-              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, threads: int | None = None,
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS, threads: int | None = None, kv_bits: float | None = None,
               progress: bool = True) -> KeyMeans:
     """Measure `model`'s mean keys on `text` (default: hlwq-gguf's calibration text, which no benchmark scores on)
-    and write `output`: the same GGUF with them added (see the module docstring)."""
+    and write `output`: the same GGUF with them added (see the module docstring). With kv_bits, then also choose
+    which layers of a hlwq3_64 cache keep a 4-bit K for kv_bits bits per value (hlwq_gguf.kvbits) and add that."""
     from . import gguf_files, textdata
 
     model = Path(model)
@@ -234,5 +243,14 @@ def calibrate(model: str | Path, output: str | Path, *, text: str | Path | None 
         raise CalibrationError(f"{text_path}: cannot read the calibration text ({e})") from None
     key_means = measure_key_means(model, body, chunks=chunks, chunk_tokens=chunk_tokens, threads=threads,
                                   text_name=text_path.name, progress=progress)
-    write_key_means(model, output, key_means)
+    if kv_bits is None:
+        write_key_means(model, output, key_means)
+        return key_means
+    from . import kvbits
+
+    with tempfile.TemporaryDirectory(prefix="hlwq-kvcalib-", dir=Path(output).resolve().parent) as tmp:
+        centered = Path(tmp) / "means.gguf"  # the per-layer costs are measured with K centered, as it will run
+        write_key_means(model, centered, key_means)
+        key_means.k_bits = kvbits.measure(centered, kv_bits, text=text_path, threads=threads, progress=progress)
+        write_key_means(centered, output, key_means, key_means.k_bits)
     return key_means

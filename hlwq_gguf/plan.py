@@ -24,6 +24,7 @@ hlwq3_64/hlwq4_64, whose 64-value blocks fit every head size that is a multiple 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,7 @@ class ModelLayout:
     attention: list[AttentionLayer]
     recurrent_layers: list[int] = field(default_factory=list)
     mtp_bytes: int = 0      # MTP/NextN layer tensors: in the file, not loaded by default, not in `tensors`
+    k_bits: str = ""        # hlwq.kv_k_bits: a hlwq3_64 K's bits per layer as calibrated (hlwq_gguf.kvbits)
 
     @property
     def is_moe(self) -> bool:
@@ -258,7 +260,7 @@ def _layout(path: Path, reader) -> ModelLayout:
         n_ff_expert=int(hp("expert_feed_forward_length", 0) or 0), n_swa=n_swa,
         head_dim_max=max(head_k, head_k_swa),
         tied_output="output.weight" not in names, tensors=tensors, attention=attention, recurrent_layers=recurrent,
-        mtp_bytes=mtp_bytes)
+        mtp_bytes=mtp_bytes, k_bits=str(_field(reader, "hlwq.kv_k_bits", "") or ""))
 
 
 def _kv_type(name: str, path: Path) -> tuple[int, int]:
@@ -281,18 +283,42 @@ def kv_cells(layout: ModelLayout, n_ctx: int, sliding: bool, n_ubatch: int = DEF
     return cells
 
 
+def calibrated_k_bits(layout: ModelLayout) -> str:
+    """The per-layer bits llama.cpp gives a hlwq3_64 K: LLAMA_KV_HLWQ_K_BITS, else the file's hlwq.kv_k_bits; ""
+    where neither applies (0, or not one digit 3 or 4 per layer, which llama.cpp ignores with a warning)."""
+    digits = os.environ.get("LLAMA_KV_HLWQ_K_BITS", layout.k_bits).strip()
+    if len(digits) != layout.n_layer_all or set(digits) - set("34"):
+        return ""
+    return digits
+
+
+def layer_k_type(layout: ModelLayout, index: int, type_k: str, safe_k_layers: tuple[int, ...] = (),
+                 k_bits: str | None = None) -> str:
+    """The K type llama.cpp gives layer `index` when type_k is asked for: q8_0 in safe_k_layers (hlwq_gguf.kvcache),
+    hlwq3_64 or hlwq4_64 per the calibrated digits (k_bits, default calibrated_k_bits) for a hlwq3_64 K."""
+    if index in safe_k_layers:
+        return "q8_0"
+    digits = calibrated_k_bits(layout) if k_bits is None else k_bits
+    if digits and KV_TYPE_ALIASES.get(type_k.lower(), type_k.lower()) == "hlwq3_64":
+        return f"hlwq{digits[index]}_64"
+    return type_k
+
+
 def kv_cache_bytes(layout: ModelLayout, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
-                   n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False, safe_k_layers: tuple[int, ...] = ()) -> int:
+                   n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False, safe_k_layers: tuple[int, ...] = (),
+                   k_bits: str | None = None) -> int:
     """Bytes of the KV cache llama.cpp allocates for one sequence of `n_ctx` tokens (all attention layers).
 
     safe_k_layers: the layers whose K llama.cpp keeps at q8_0 although an HLWQ K type was asked for
-    (hlwq_gguf.kvcache)."""
-    k_type, v_type = _kv_type(type_k, layout.path), _kv_type(type_v or type_k, layout.path)
+    (hlwq_gguf.kvcache); a hlwq3_64 K takes the file's calibrated bits per layer unless k_bits gives other digits
+    ("" for none: layer_k_type)."""
+    _kv_type(type_k, layout.path)
+    v_type = _kv_type(type_v or type_k, layout.path)
     total = 0
     for layer in layout.attention:
         cells = kv_cells(layout, n_ctx, layer.sliding, n_ubatch, swa_full)
-        layer_k_type = KV_TYPES["q8_0"] if layer.index in safe_k_layers else k_type
-        for kv_type, width in ((layer_k_type, layer.k_width), (v_type, layer.v_width)):
+        k_type = _kv_type(layer_k_type(layout, layer.index, type_k, safe_k_layers, k_bits), layout.path)
+        for kv_type, width in ((k_type, layer.k_width), (v_type, layer.v_width)):
             if width % kv_type[0]:
                 raise PlanError(f"{layout.path}: layer {layer.index} KV rows of {width} are not a multiple of "
                                 f"the {kv_type[0]}-element blocks of the chosen KV type")
@@ -449,7 +475,7 @@ def layer_regex(layers: list[int]) -> str:
 
 def make_plan(layout: ModelLayout, vram: int | str, n_ctx: int, type_k: str = "f16", type_v: str | None = None,
               reserve: int = DEFAULT_RESERVE, n_ubatch: int = DEFAULT_UBATCH, swa_full: bool = False,
-              safe_k_layers: tuple[int, ...] = ()) -> Plan:
+              safe_k_layers: tuple[int, ...] = (), k_bits: str | None = None) -> Plan:
     """Place `layout` on a GPU with `vram` bytes: non-experts, KV and compute first, then whole layers of experts.
 
     Raises PlanError (one line) when even the non-expert weights, KV cache and compute buffer do not fit.
@@ -458,7 +484,7 @@ def make_plan(layout: ModelLayout, vram: int | str, n_ctx: int, type_k: str = "f
     type_v = type_v or type_k
     if n_ctx <= 0:
         raise PlanError(f"{layout.path}: context size must be positive, not {n_ctx}")
-    kv = kv_cache_bytes(layout, n_ctx, type_k, type_v, n_ubatch, swa_full, safe_k_layers)
+    kv = kv_cache_bytes(layout, n_ctx, type_k, type_v, n_ubatch, swa_full, safe_k_layers, k_bits)
     quantized = type_k.lower() not in ("f32", "f16", "bf16") or type_v.lower() not in ("f32", "f16", "bf16")
     compute = compute_buffer_bytes(layout, n_ctx, n_ubatch, flash_attn=True, kv_quantized=quantized)
     # the input embedding stays in system RAM (llama.cpp runs get_rows on the CPU); a tied output projection is

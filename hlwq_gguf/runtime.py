@@ -198,11 +198,12 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     placement planner (hlwq_gguf.plan) chooses which layers' routed experts stay in system RAM, every layer is
     offloaded (n_gpu_layers=-1) and the plan's overrides come after any explicit ones; the plan is attached as
     `.placement_plan`. kv_type: KV-cache type for K and V by name (f16, q8_0, ...); a quantized V cache needs
-    flash attention, which is then switched on; hlwq3 keeps K at hlwq4 (kvcache.kv_pair). With an HLWQ K type,
-    llama.cpp keeps K at q8_0 in the layers whose key bias a low-bit code would wreck (hlwq_gguf.kvcache); `.kv_note`
-    (one line, or None) says so, and what kvcache.calibration_hint says of a file without mean keys. kv_type_k /
-    kv_type_v: the user's types for K and V, taken as they are (LLAMA_KV_HLWQ_K_OUTLIER=0 while the cache is made when K
-    is HLWQ). Without these arguments the behaviour is llama-cpp-python's.
+    flash attention, which is then switched on; hlwq3 keeps K at hlwq4, or at the file's calibrated 3 or 4 bits
+    per layer (kvcache.kv_pair). With an HLWQ K type, llama.cpp keeps K at q8_0 in the layers whose key bias a
+    low-bit code would wreck (hlwq_gguf.kvcache); `.kv_note` (one line, or None) says so, and what
+    kvcache.calibration_hint says of a file without mean keys. kv_type_k / kv_type_v: the user's types for K and V,
+    taken as they are in every layer (LLAMA_KV_HLWQ_K_OUTLIER=0 and LLAMA_KV_HLWQ_K_BITS=0 while the cache is made
+    when K is HLWQ). Without these arguments the behaviour is llama-cpp-python's.
     """
     from . import kvcache
 
@@ -211,7 +212,8 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     type_k = kv_type_k or pair_k
     type_v = kv_type_v or pair_v
     notes = [pair_note] if kv_type_k is None and pair_note else []
-    forced_k = {"LLAMA_KV_HLWQ_K_OUTLIER": "0"} if kv_type_k is not None and kvcache.is_hlwq(kv_type_k) else {}
+    forced_k = {"LLAMA_KV_HLWQ_K_OUTLIER": "0", "LLAMA_KV_HLWQ_K_BITS": "0"} \
+        if kv_type_k is not None and kvcache.is_hlwq(kv_type_k) else {}
     if not forced_k and type_k is not None:
         notes.append(kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT))
     if type_k is not None and kvcache.is_hlwq(type_k):
@@ -228,7 +230,7 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
         from . import plan
 
         placement = plan.plan_file(path, vram, n_ctx, type_k or "f16", type_v,
-                                   **({"safe_k_layers": ()} if kv_type_k is not None else {}))
+                                   **({"safe_k_layers": (), "k_bits": ""} if kv_type_k is not None else {}))
         entries += parse_overrides(placement.overrides())
         kwargs.setdefault("n_gpu_layers", -1)
         kwargs.setdefault("swa_full", False)  # what the plan sized (llama-cpp-python's default is the full SWA cache)

@@ -15,7 +15,8 @@ from hlwq_gguf import plan as planner
                                       "divergence), and with an HLWQ K, K stays q8_0 in the layers whose key bias a "
                                       "low-bit code would wreck (as llama.cpp does); a line says so.")
 @click.option("--kv-k", "kv_type_k", type=click.Choice(list(planner.KV_TYPES), case_sensitive=False), default=None,
-              help="K's type as given, in every layer (overrides --kv; run llama.cpp with LLAMA_KV_HLWQ_K_OUTLIER=0).")
+              help="K's type as given, in every layer (overrides --kv; run llama.cpp with LLAMA_KV_HLWQ_K_OUTLIER=0 "
+                   "and LLAMA_KV_HLWQ_K_BITS=0).")
 @click.option("--kv-v", "kv_type_v", type=click.Choice(list(planner.KV_TYPES), case_sensitive=False), default=None,
               help="A different type for V (default: --kv).")
 @click.option("--reserve", default="512MiB", show_default=True,
@@ -29,7 +30,7 @@ def plan(model: str, vram: str, n_ctx: int, kv_type: str, kv_type_k: str | None,
     try:
         result = planner.plan_file(model, vram, n_ctx, kv_type_k or pair_k, kv_type_v or pair_v,
                                    reserve=planner.parse_size(reserve),
-                                   **({"safe_k_layers": ()} if kv_type_k else {}))
+                                   **({"safe_k_layers": (), "k_bits": ""} if kv_type_k else {}))
         notes = [] if kv_type_k else [pair_note, kvcache.k_type_note(model, pair_k, n_ctx=n_ctx)]
     except planner.PlanError as e:
         raise click.ClickException(str(e)) from None
