@@ -70,6 +70,22 @@ def choose(layout, costs: dict[int, float], bits_per_value: float, safe_k_layers
     return digits_of(layout, low), bits
 
 
+def check(model: str | Path, bits_per_value: float, ctx: int | None = None):
+    """(layout, the layers to measure, the layers whose K the outlier rule keeps at q8_0) of `model`; KBitsError,
+    naming it, where its KV rows are not 64-value blocks or no mix of 3- and 4-bit K fits bits_per_value, so that
+    an impossible budget fails before any run."""
+    from . import kvcache, plan
+
+    layout = plan.read_layout(model)
+    if not layout.attention or any(layer.k_width % kvcache.BLOCK or layer.v_width % kvcache.BLOCK
+                                   for layer in layout.attention):
+        raise KBitsError(f"{model}: per-layer K bits need KV rows that are multiples of {kvcache.BLOCK}")
+    safe = tuple(kvcache.safe_k_layers(model, n_ctx=ctx or DEFAULT_CTX))
+    layers = [layer.index for layer in layout.attention if layer.index not in safe]
+    choose(layout, dict.fromkeys(layers, 0.0), bits_per_value, safe)
+    return layout, layers, safe
+
+
 def measure(model: str | Path, bits_per_value: float = DEFAULT_BITS_PER_VALUE, *, text: str | Path | None = None,
             ctx: int | None = None, chunks: int | None = None, threads: int | None = None,
             progress: bool = True) -> LayerKBits:
@@ -80,17 +96,12 @@ def measure(model: str | Path, bits_per_value: float = DEFAULT_BITS_PER_VALUE, *
 
     from tqdm import tqdm
 
-    from . import build as builder, kvcache, llama_tools, plan, textdata
+    from . import build as builder, llama_tools, textdata
 
     model = Path(model)
     ctx, chunks = ctx or DEFAULT_CTX, chunks or DEFAULT_CHUNKS
-    layout = plan.read_layout(model)
+    layout, layers, safe = check(model, bits_per_value, ctx)
     text_path = Path(text) if text is not None else textdata.calibration_text_file()
-    if not layout.attention or any(layer.k_width % kvcache.BLOCK or layer.v_width % kvcache.BLOCK
-                                   for layer in layout.attention):
-        raise KBitsError(f"{model}: per-layer K bits need KV rows that are multiples of {kvcache.BLOCK}")
-    safe = tuple(kvcache.safe_k_layers(model, n_ctx=ctx))
-    layers = [layer.index for layer in layout.attention if layer.index not in safe]
     build = builder.ensure_build()
     cache = ["-fa", "on", "-ctk", LOW_K, "-ctv", V_TYPE]
     all_high = digits_of(layout, ())

@@ -232,10 +232,12 @@ def calibrate(model: str | Path, output: str | Path, *, text: str | Path | None 
     """Measure `model`'s mean keys on `text` (default: hlwq-gguf's calibration text, which no benchmark scores on)
     and write `output`: the same GGUF with them added (see the module docstring). With kv_bits, then also choose
     which layers of a hlwq3_64 cache keep a 4-bit K for kv_bits bits per value (hlwq_gguf.kvbits) and add that."""
-    from . import gguf_files, textdata
+    from . import gguf_files, kvbits, textdata
 
     model = Path(model)
     gguf_files.read_gguf(model, header_only=True)  # a one-line GGUFFileError for what is not a GGUF llama.cpp reads
+    if kv_bits is not None:
+        kvbits.check(model, kv_bits)
     text_path = Path(text) if text is not None else textdata.calibration_text_file()
     try:
         body = text_path.read_text(encoding="utf-8")
@@ -246,8 +248,6 @@ def calibrate(model: str | Path, output: str | Path, *, text: str | Path | None 
     if kv_bits is None:
         write_key_means(model, output, key_means)
         return key_means
-    from . import kvbits
-
     with tempfile.TemporaryDirectory(prefix="hlwq-kvcalib-", dir=Path(output).resolve().parent) as tmp:
         centered = Path(tmp) / "means.gguf"  # the per-layer costs are measured with K centered, as it will run
         write_key_means(model, centered, key_means)

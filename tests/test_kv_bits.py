@@ -110,6 +110,20 @@ def test_llama_cpp_gives_each_layer_the_calibrated_k(llama_build, smollm2_q8, tm
     malformed = _with_digits(smollm2_q8, tmp_path / "malformed.gguf", digits[:-1])
     k_malformed, _, log = _cache_sizes(llama_build, malformed)
     assert k_malformed == k3 and "ignoring hlwq.kv_k_bits" in log
+    # a budget no mix reaches (here: layer 0's K held at q8_0, as the outlier rule would) is one line before any
+    # perplexity run, and writes nothing
+    from click.testing import CliRunner
+
+    from hlwq_gguf.cli import main
+
+    monkeypatch.setattr(kvcache, "safe_k_layers", lambda *args, **kwargs: [0])
+    monkeypatch.setattr(llama_tools, "perplexity", None)
+    refused = CliRunner().invoke(main, ["kv-calibrate", str(smollm2_q8), str(tmp_path / "out.gguf"), "--kv-bits",
+                                        "3.3", "--chunks", "1"])
+    assert refused.exit_code == 1 and "smollm2-q8_0.gguf: no mix of 3- and 4-bit K" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1, refused.output
+    assert not (tmp_path / "out.gguf").exists() and not list(tmp_path.glob("hlwq-kvcalib-*"))
+    monkeypatch.undo()
     # hlwq-gguf's --kv hlwq3 asks for the calibrated K there and says so in one line; a 4-bit K elsewhere
     type_k, type_v, note = kvcache.kv_pair("hlwq3", calibrated)
     assert (type_k, type_v) == ("hlwq3", "hlwq3") and "3-bit in 20 and 4-bit in 10 layers" in note
