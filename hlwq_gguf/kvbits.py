@@ -19,9 +19,9 @@ from pathlib import Path
 
 K_BITS_KEY = "hlwq.kv_k_bits"
 K_BITS_ENV = "LLAMA_KV_HLWQ_K_BITS"
-LOW_K, HIGH_K, V_TYPE = "hlwq3_64", "hlwq4_64", "hlwq3_64"
+LOW_K, V_TYPE = "hlwq3_64", "hlwq3_64"  # the digit 4 gives a layer hlwq4_64
 DEFAULT_BITS_PER_VALUE = 3.5
-# each run of the calibration: 2 chunks of 2048 tokens of the calibration text (fewer for a shorter trained context)
+# each run of the calibration: 2 chunks of 2048 tokens of the calibration text
 DEFAULT_CTX, DEFAULT_CHUNKS = 2048, 2
 
 

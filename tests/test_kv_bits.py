@@ -109,7 +109,7 @@ def test_llama_cpp_gives_each_layer_the_calibrated_k(llama_build, smollm2_q8, tm
     assert _cache_sizes(llama_build, calibrated, {kvbits.K_BITS_ENV: "0"})[0] == k3
     malformed = _with_digits(smollm2_q8, tmp_path / "malformed.gguf", digits[:-1])
     k_malformed, _, log = _cache_sizes(llama_build, malformed)
-    assert k_malformed == k3 and "ignoring hlwq.kv_k_bits" in log
+    assert k_malformed == k3 and "ignoring the K bits '" + digits[:-1] + "' (hlwq.kv_k_bits)" in log
     # a budget no mix reaches (here: layer 0's K held at q8_0, as the outlier rule would) is one line before any
     # perplexity run, and writes nothing
     from click.testing import CliRunner
