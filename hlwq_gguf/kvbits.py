@@ -122,11 +122,3 @@ def measure(model: str | Path, bits_per_value: float = DEFAULT_BITS_PER_VALUE, *
         steps.close()
     digits, bits = choose(layout, costs, bits_per_value, safe)
     return LayerKBits(digits, bits, base_kld, costs, text_path.name)
-
-
-def read_k_bits(path: str | Path) -> str | None:
-    """The file's hlwq.kv_k_bits digits, or None."""
-    from . import gguf_files
-
-    field = gguf_files.header_reader(path).fields.get(K_BITS_KEY)
-    return None if field is None else str(field.contents())

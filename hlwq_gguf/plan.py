@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import typetable
+from . import kvbits, typetable
 
 # llama.cpp's --n-cpu-moe regex (common/common.h LLM_FFN_EXPS_REGEX): the routed-expert tensors of a layer.
 # Classifying with the very regex the overrides use keeps "what the plan calls an expert" and "what llama.cpp
@@ -260,7 +260,7 @@ def _layout(path: Path, reader) -> ModelLayout:
         n_ff_expert=int(hp("expert_feed_forward_length", 0) or 0), n_swa=n_swa,
         head_dim_max=max(head_k, head_k_swa),
         tied_output="output.weight" not in names, tensors=tensors, attention=attention, recurrent_layers=recurrent,
-        mtp_bytes=mtp_bytes, k_bits=str(_field(reader, "hlwq.kv_k_bits", "") or ""))
+        mtp_bytes=mtp_bytes, k_bits=str(_field(reader, kvbits.K_BITS_KEY, "") or ""))
 
 
 def _kv_type(name: str, path: Path) -> tuple[int, int]:
@@ -286,7 +286,7 @@ def kv_cells(layout: ModelLayout, n_ctx: int, sliding: bool, n_ubatch: int = DEF
 def calibrated_k_bits(layout: ModelLayout) -> str:
     """The per-layer bits llama.cpp gives a hlwq3_64 K: LLAMA_KV_HLWQ_K_BITS, else the file's hlwq.kv_k_bits; ""
     where neither applies (0, or not one digit 3 or 4 per layer, which llama.cpp ignores with a warning)."""
-    digits = os.environ.get("LLAMA_KV_HLWQ_K_BITS", layout.k_bits).strip()
+    digits = os.environ.get(kvbits.K_BITS_ENV, layout.k_bits).strip()
     if len(digits) != layout.n_layer_all or set(digits) - set("34"):
         return ""
     return digits

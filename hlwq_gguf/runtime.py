@@ -205,14 +205,14 @@ def open_model(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None
     taken as they are in every layer (LLAMA_KV_HLWQ_K_OUTLIER=0 and LLAMA_KV_HLWQ_K_BITS=0 while the cache is made
     when K is HLWQ). Without these arguments the behaviour is llama-cpp-python's.
     """
-    from . import kvcache
+    from . import kvbits, kvcache
 
     llama_cpp = llama_cpp_module()
     pair_k, pair_v, pair_note = kvcache.kv_pair(kv_type, path) if kv_type is not None else (None, None, None)
     type_k = kv_type_k or pair_k
     type_v = kv_type_v or pair_v
     notes = [pair_note] if kv_type_k is None and pair_note else []
-    forced_k = {"LLAMA_KV_HLWQ_K_OUTLIER": "0", "LLAMA_KV_HLWQ_K_BITS": "0"} \
+    forced_k = {"LLAMA_KV_HLWQ_K_OUTLIER": "0", kvbits.K_BITS_ENV: "0"} \
         if kv_type_k is not None and kvcache.is_hlwq(kv_type_k) else {}
     if not forced_k and type_k is not None:
         notes.append(kvcache.k_type_note(path, type_k, n_ctx=n_ctx or kvcache.DEFAULT_CONTEXT))

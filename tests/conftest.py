@@ -66,6 +66,16 @@ def smollm2_f32_gguf(smollm2_hf, tmp_path_factory) -> Path:
         reference_gguf(smollm2_hf, out, "f32")
     return out
 
+@pytest.fixture(scope="session")
+def smollm2_q8(smollm2_f32_gguf, llama_build, tmp_path_factory) -> Path:
+    """SmolLM2 with Q8_0 weights (head size 64: the case where a graph rotation by H64 would cancel an HLWQ cache
+    type's own), the weights the KV-cache tests run on."""
+    from hlwq_gguf import llama_tools
+
+    out = tmp_path_factory.mktemp("kv") / "smollm2-q8_0.gguf"
+    llama_tools.llama_quantize(llama_build, smollm2_f32_gguf, out, "Q8_0")
+    return out
+
 
 @pytest.fixture
 def tiny_llama(tmp_path, smollm2_hf) -> Path:

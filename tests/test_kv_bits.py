@@ -83,15 +83,8 @@ def _cache_sizes(build, model: Path, env: dict | None = None) -> tuple[float, fl
     return float(size.group(2)), float(size.group(1)), run.stderr
 
 
-@pytest.fixture(scope="module")
-def smollm2_q8(smollm2_f32_gguf, llama_build, tmp_path_factory):
-    out = tmp_path_factory.mktemp("kvbits") / "smollm2-q8_0.gguf"
-    llama_tools.llama_quantize(llama_build, smollm2_f32_gguf, out, "Q8_0")
-    return out
-
-
 def test_llama_cpp_gives_each_layer_the_calibrated_k(llama_build, smollm2_q8, tmp_path, monkeypatch):
-    """SmolLM2 (30 layers) with 12 digits 4: llama.cpp's K cache is the uniform 3-bit one plus 12/30 of the step to
+    """SmolLM2 (30 layers) with 10 digits 4: llama.cpp's K cache is the uniform 3-bit one plus 10/30 of the step to
     the uniform 4-bit one (both measured by llama.cpp itself), says so at info level, and the planner's K+V bytes
     are what it allocates; LLAMA_KV_HLWQ_K_BITS=0 and malformed digits give the uniform 3-bit cache, the latter
     with a warning."""
@@ -146,8 +139,8 @@ def test_kv_calibrate_chooses_layers_that_matter(llama_build, smollm2_q8, tmp_pa
     out = tmp_path / "calibrated.gguf"
     result = CliRunner().invoke(main, ["kv-calibrate", str(smollm2_q8), str(out), "--kv-bits", "3.5"])
     assert result.exit_code == 0, result.output
-    digits = kvbits.read_k_bits(out)
-    assert digits is not None and len(digits) == 30 and digits.count("3") == 15
+    digits = plan.read_layout(out).k_bits
+    assert len(digits) == 30 and digits.count("3") == 15
     assert f"3-bit in 15 ({3.5:.3f} bits per value; hlwq.kv_k_bits {digits})" in result.output
     assert kvcalib.read_key_means(out).keys() == set(range(30))
     opposite = digits.translate(str.maketrans("34", "43"))

@@ -13,14 +13,6 @@ from hlwq_gguf import kvcache, llama_tools, runtime, textdata
 
 
 @pytest.fixture(scope="module")
-def smollm2_q8(smollm2_f32_gguf, llama_build, tmp_path_factory):
-    """SmolLM2 (head size 64: the case where a graph rotation by H64 would cancel the type's own) with Q8_0 weights."""
-    out = tmp_path_factory.mktemp("kv") / "smollm2-q8_0.gguf"
-    llama_tools.llama_quantize(llama_build, smollm2_f32_gguf, out, "Q8_0")
-    return out
-
-
-@pytest.fixture(scope="module")
 def f16_base(smollm2_q8, llama_build, tmp_path_factory):
     """The f16 cache's logits over 2 chunks of 1024 tokens, through the tiled prompt path (batches of 1024)."""
     base = tmp_path_factory.mktemp("kv-base") / "f16.kld"
